@@ -1,0 +1,31 @@
+"""functional_bridge: HF transformers with TransformerLens's view, as pure torch.func functions.
+
+One pytree of HF leaf tensors is the only state; TransformerLens-format weights and the forward
+pass are pure functions of it.
+"""
+
+from .architectures import UnsupportedArchitectureError, config_from_hf, supported_architectures
+from .bridge import Bridge
+from .config import BridgeConfig
+from .hooks import HookPoint, hook_names
+from .model import forward, run_with_cache, run_with_hooks
+from .params import ParamsStructureError, check_params, stack_params, unstack_params
+from .weights import tl_weights
+
+__all__ = [
+    "Bridge",
+    "BridgeConfig",
+    "HookPoint",
+    "ParamsStructureError",
+    "UnsupportedArchitectureError",
+    "check_params",
+    "config_from_hf",
+    "forward",
+    "hook_names",
+    "run_with_cache",
+    "run_with_hooks",
+    "stack_params",
+    "supported_architectures",
+    "tl_weights",
+    "unstack_params",
+]

@@ -1,0 +1,57 @@
+"""What an HF model family is to the bridge: data plus small pure functions.
+
+A family maps an HF config to a BridgeConfig, names and shapes the HF leaves, hands the forward
+each layer's weights in their fastest layout (views of the leaves, never copies), and derives
+TransformerLens's weights (and their inverse) from the leaves. Adding a family is one new file
+that builds a Family, registered in ``architectures/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple
+
+from torch import Tensor
+
+from ..components.attention import AttentionWeights
+from ..components.linear import Affine
+from ..components.mlp import MLPWeights
+from ..components.norms import Norm
+from ..config import BridgeConfig
+
+Params = Mapping[str, Tensor]
+Shapes = dict[str, tuple[int, ...]]
+
+
+class EmbedWeights(NamedTuple):
+    W_E: Tensor  # [d_vocab, d_model]
+    W_pos: Tensor | None  # [n_ctx, d_model] learned positions, or None (rotary)
+
+
+class LayerWeights(NamedTuple):
+    ln1: Norm
+    attn: AttentionWeights
+    ln2: Norm | None  # None: the MLP reads ln1's output (GPT-J's parallel block)
+    mlp: MLPWeights
+
+
+class UnembedWeights(NamedTuple):
+    ln_final: Norm
+    unembed: Affine  # d_model -> d_vocab_out
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # HF's model_type ("gpt2", "llama", ...)
+    hf_architectures: tuple[str, ...]  # HF class names this family loads
+    config_from_hf: Callable[[object], BridgeConfig]
+    param_shapes: Callable[[BridgeConfig], Shapes]  # HF leaves, in HF named_parameters() order
+    # Leaves a family's HF layout lacks but processing may add (name -> shape); forward and
+    # tl_weights read them when present. to_hf refuses those HF cannot hold.
+    extra_param_shapes: Callable[[BridgeConfig], Shapes]
+    # HF state_dict names that alias another leaf (GPT-2's tied lm_head.weight -> wte.weight).
+    tied_aliases: Callable[[BridgeConfig], dict[str, str]]
+    embed_weights: Callable[[Params, BridgeConfig], EmbedWeights]
+    layer_weights: Callable[[Params, BridgeConfig, int], LayerWeights]
+    unembed_weights: Callable[[Params, BridgeConfig], UnembedWeights]
+    tl_weights: Callable[[Params, BridgeConfig], dict[str, Tensor]]

@@ -1,0 +1,168 @@
+"""GPT-2 (GPT2LMHeadModel): LayerNorm, learned positions, fused Conv1D q/k/v, GELU MLP.
+
+HF stores every projection as Conv1D, W: [d_in, d_out]; the fused c_attn output is
+[q heads | k heads | v heads]. TransformerLens's views are those of TL 3.9's
+``convert_gpt2_weights``; the unembedding is the tied token embedding unless processing added
+an untied ``lm_head.weight`` (and an ``unembed.b_U``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+
+from ..components.attention import AttentionWeights
+from ..components.linear import Affine
+from ..components.mlp import ACTIVATIONS, MLPWeights
+from ..components.norms import Norm
+from ..config import BridgeConfig
+from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
+
+ARCHITECTURE = "GPT2LMHeadModel"
+
+
+def config_from_hf(hf) -> BridgeConfig:
+    if getattr(hf, "add_cross_attention", False):
+        raise ValueError("GPT-2 with add_cross_attention=True (an encoder-decoder) is not supported")
+    if hf.activation_function not in ACTIVATIONS:
+        raise ValueError(
+            f"GPT-2 activation_function {hf.activation_function!r} is not supported; "
+            f"supported: {sorted(ACTIVATIONS)}"
+        )
+    if hf.n_embd % hf.n_head:
+        raise ValueError(f"n_embd ({hf.n_embd}) must be divisible by n_head ({hf.n_head})")
+    d_head = hf.n_embd // hf.n_head
+    # reorder_and_upcast_attn only changes numerics (scores in float32), which this bridge
+    # always does, so it needs nothing here.
+    return BridgeConfig(
+        original_architecture=ARCHITECTURE,
+        n_layers=hf.n_layer,
+        d_model=hf.n_embd,
+        n_heads=hf.n_head,
+        d_head=d_head,
+        d_mlp=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd,
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.n_positions,
+        act_fn=hf.activation_function,
+        normalization_type="LN",
+        eps=hf.layer_norm_epsilon,
+        positional_embedding_type="standard",
+        attn_scale=math.sqrt(d_head) if hf.scale_attn_weights else 1.0,
+        scale_attn_by_inverse_layer_idx=bool(hf.scale_attn_by_inverse_layer_idx),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+    )
+
+
+def _block(layer: int) -> str:
+    return f"transformer.h.{layer}."
+
+
+def param_shapes(cfg: BridgeConfig) -> Shapes:
+    d, m = cfg.d_model, cfg.d_mlp
+    shapes: Shapes = {
+        "transformer.wte.weight": (cfg.d_vocab, d),
+        "transformer.wpe.weight": (cfg.n_ctx, d),
+    }
+    for layer in range(cfg.n_layers):
+        p = _block(layer)
+        shapes.update({
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "mlp.c_fc.weight": (d, m), p + "mlp.c_fc.bias": (m,),
+            p + "mlp.c_proj.weight": (m, d), p + "mlp.c_proj.bias": (d,),
+        })  # fmt: skip
+    shapes["transformer.ln_f.weight"] = (d,)
+    shapes["transformer.ln_f.bias"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.d_vocab_out, d)
+    return shapes
+
+
+def extra_param_shapes(cfg: BridgeConfig) -> Shapes:
+    extra: Shapes = {"unembed.b_U": (cfg.d_vocab_out,)}
+    if cfg.tie_word_embeddings:
+        extra["lm_head.weight"] = (cfg.d_vocab_out, cfg.d_model)
+    return extra
+
+
+def tied_aliases(cfg: BridgeConfig) -> dict[str, str]:
+    return {"lm_head.weight": "transformer.wte.weight"} if cfg.tie_word_embeddings else {}
+
+
+def _conv(params: Params, name: str) -> Affine:
+    return Affine(params[name + ".weight"], params[name + ".bias"], in_out=True)
+
+
+def _ln(params: Params, name: str) -> Norm:
+    return Norm(params[name + ".weight"], params[name + ".bias"], "LN")
+
+
+def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
+    return EmbedWeights(params["transformer.wte.weight"], params["transformer.wpe.weight"])
+
+
+def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights:
+    p = _block(layer)
+    attn = AttentionWeights(
+        qkv=_conv(params, p + "attn.c_attn"), q=None, k=None, v=None, o=_conv(params, p + "attn.c_proj")
+    )
+    mlp = MLPWeights(w_in=_conv(params, p + "mlp.c_fc"), w_gate=None, w_out=_conv(params, p + "mlp.c_proj"))
+    return LayerWeights(_ln(params, p + "ln_1"), attn, _ln(params, p + "ln_2"), mlp)
+
+
+def _unembedding(params: Params) -> "tuple":
+    W_U = params.get("lm_head.weight", params["transformer.wte.weight"])  # [d_vocab_out, d_model]
+    return W_U, params.get("unembed.b_U")
+
+
+def unembed_weights(params: Params, cfg: BridgeConfig) -> UnembedWeights:
+    W_U, b_U = _unembedding(params)
+    return UnembedWeights(_ln(params, "transformer.ln_f"), Affine(W_U, b_U, in_out=False))
+
+
+def tl_weights(params: Params, cfg: BridgeConfig) -> dict:
+    """TransformerLens 3.9's convert_gpt2_weights, as views of the leaves."""
+    d, n = cfg.d_model, cfg.n_heads
+    W_pos = params["transformer.wpe.weight"]
+    tl = {"embed.W_E": params["transformer.wte.weight"], "pos_embed.W_pos": W_pos[: cfg.n_ctx]}
+    for layer in range(cfg.n_layers):
+        p, t = _block(layer), f"blocks.{layer}."
+        tl[t + "ln1.w"] = params[p + "ln_1.weight"]
+        tl[t + "ln1.b"] = params[p + "ln_1.bias"]
+        W_Q, W_K, W_V = params[p + "attn.c_attn.weight"].split(d, dim=1)  # [d_model, n * d_head]
+        for key, W in (("W_Q", W_Q), ("W_K", W_K), ("W_V", W_V)):
+            tl[t + "attn." + key] = einops.rearrange(W, "m (i h) -> i m h", i=n)
+        b_Q, b_K, b_V = params[p + "attn.c_attn.bias"].view(3, n, cfg.d_head).unbind(0)
+        tl[t + "attn.b_Q"], tl[t + "attn.b_K"], tl[t + "attn.b_V"] = b_Q, b_K, b_V
+        tl[t + "attn.W_O"] = einops.rearrange(params[p + "attn.c_proj.weight"], "(i h) m -> i h m", i=n)
+        tl[t + "attn.b_O"] = params[p + "attn.c_proj.bias"]
+        tl[t + "ln2.w"] = params[p + "ln_2.weight"]
+        tl[t + "ln2.b"] = params[p + "ln_2.bias"]
+        tl[t + "mlp.W_in"] = params[p + "mlp.c_fc.weight"]
+        tl[t + "mlp.b_in"] = params[p + "mlp.c_fc.bias"]
+        tl[t + "mlp.W_out"] = params[p + "mlp.c_proj.weight"]
+        tl[t + "mlp.b_out"] = params[p + "mlp.c_proj.bias"]
+    W_U, b_U = _unembedding(params)
+    tl["unembed.W_U"] = W_U.T
+    if b_U is not None:
+        tl["unembed.b_U"] = b_U
+    tl["ln_final.w"] = params["transformer.ln_f.weight"]
+    tl["ln_final.b"] = params["transformer.ln_f.bias"]
+    return tl
+
+
+FAMILY = Family(
+    name="gpt2",
+    hf_architectures=(ARCHITECTURE,),
+    config_from_hf=config_from_hf,
+    param_shapes=param_shapes,
+    extra_param_shapes=extra_param_shapes,
+    tied_aliases=tied_aliases,
+    embed_weights=embed_weights,
+    layer_weights=layer_weights,
+    unembed_weights=unembed_weights,
+    tl_weights=tl_weights,
+)

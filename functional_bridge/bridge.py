@@ -1,0 +1,182 @@
+"""Bridge: the nn.Module users hold. Thin: every method delegates to the pure layer.
+
+The module tree mirrors HF's names (``transformer.h.0.attn.c_attn``...) with plain containers
+that register the HF model's own Parameter objects, in HF's order. ``bridge.params`` is read
+live from that tree, so ``torch.func.functional_call(bridge, params, ...)``, optimizers,
+``load_state_dict`` and ``to()`` all act on the one copy of the truth, and the TL view
+(``tl_parameters()``, ``W_Q``...) is recomputed from it on every access.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .architectures import config_from_hf, family_for, family_for_architecture
+from .config import BridgeConfig
+from .hf_io import build_hf_model, hf_params, load_hf_model
+from .hooks import hook_names
+from .model import forward, run_with_cache, run_with_hooks
+from .params import Params, ParamsStructureError, check_params, params_device, params_dtype
+from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weights
+
+
+class Bridge(nn.Module):
+    """An HF causal LM as one pytree of HF leaves, with TransformerLens's view of it."""
+
+    def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None):
+        super().__init__()
+        check_params(params, cfg)
+        params_device(params)
+        self.cfg = cfg
+        self.hf_config = hf_config
+        for name, tensor in params.items():
+            _register_leaf(self, name, tensor)
+        self.register_state_dict_post_hook(_add_tied_aliases)
+
+    # construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> "Bridge":
+        """Adopt an HF model's own tensors (zero copy): training either trains both."""
+        family_for_architecture(type(model).__name__)  # clear error for unsupported classes
+        return cls(hf_params(model), config_from_hf(model.config), copy.deepcopy(model.config))
+
+    @classmethod
+    def from_config(cls, hf_config, seed: int = 0) -> "Bridge":
+        """A randomly initialised model (HF's own init, seeded) from an HF config."""
+        import transformers
+
+        config_from_hf(hf_config)  # refuse unsupported configs before building anything
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        return cls.from_hf(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "Bridge":
+        """HF's from_pretrained (a hub name or a local directory), adopted."""
+        return cls.from_hf(load_hf_model(name_or_path, dtype=dtype, device=device))
+
+    def to_hf(self) -> nn.Module:
+        """An HF model holding this bridge's current tensors (shared, not copied)."""
+        if self.hf_config is None:
+            raise ValueError("this Bridge was built without an HF config, so it cannot make an HF model")
+        return build_hf_model(self.params, self.cfg, self.hf_config)
+
+    # the state --------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """HF name -> leaf, in HF order: the only state. Read live from the module tree."""
+        return dict(self.named_parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return params_dtype(self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return params_device(self.params)
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load HF-keyed tensors. Everything is checked before anything is written, so a bad
+        state dict changes nothing. A tied alias (GPT-2's lm_head.weight) may be present if it
+        equals the tensor it aliases."""
+        own = self.params
+        aliases = family_for(self.cfg).tied_aliases(self.cfg)
+        problems, missing, unexpected = [], [], []
+        for key, value in state_dict.items():
+            if key in aliases and key not in own:
+                source = state_dict.get(aliases[key], own[aliases[key]])
+                if value.shape != source.shape or not torch.equal(value.to(source.device, source.dtype), source):
+                    problems.append(f"{key} must equal {aliases[key]} (they are tied in this model)")
+            elif key not in own:
+                unexpected.append(key)
+            elif tuple(value.shape) != tuple(own[key].shape):
+                problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        missing = [key for key in own if key not in state_dict]
+        if strict and (missing or unexpected):
+            problems += [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
+        if problems:
+            raise ParamsStructureError("load_state_dict refused, nothing was changed: " + "; ".join(problems))
+        known = {key: value for key, value in state_dict.items() if key in own}
+        super().load_state_dict(known, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # the TransformerLens view -----------------------------------------------------------------
+
+    def tl_parameters(self) -> dict[str, Tensor]:
+        """TL name -> differentiable view of the leaves (TransformerLens 3.9's conversion)."""
+        return tl_weights(self.params, self.cfg)
+
+    def tl_named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        return iter(self.tl_parameters().items())
+
+    def hook_names(self) -> list[str]:
+        return hook_names(self.cfg)
+
+    # running ----------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None) -> Tensor:
+        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``."""
+        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks)
+
+    def run_with_cache(
+        self,
+        tokens: Tensor,
+        names_filter: str | Sequence[str] | None = None,
+        attention_mask: Tensor | None = None,
+        fwd_hooks=(),
+        detach: bool = True,
+    ):
+        """(logits, cache). Detaches the cache by default, as TransformerLens does."""
+        return run_with_cache(
+            self.params, tokens, self.cfg, names_filter=names_filter,
+            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach,
+        )  # fmt: skip
+
+    def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
+        return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{c.original_architecture}: n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads}"
+
+
+def _stacked_property(short_name: str) -> property:
+    def get(self: Bridge) -> Tensor:
+        return stacked_tl_weight(self.params, self.cfg, short_name)
+
+    get.__doc__ = f"HookedTransformer's {short_name}, derived from the leaves on every access."
+    return property(get)
+
+
+for _name in (*LAYER_WEIGHTS, *GLOBAL_WEIGHTS):
+    setattr(Bridge, _name, _stacked_property(_name))
+
+
+def _register_leaf(root: nn.Module, name: str, tensor: Tensor) -> None:
+    """Register tensor under its dotted HF name, creating plain container modules on the way."""
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+        child = module._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    if not isinstance(tensor, nn.Parameter):
+        tensor = nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+    module.register_parameter(leaf, tensor)
+
+
+def _add_tied_aliases(module: Bridge, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: include HF's tied aliases (lm_head.weight) as torch does for tied modules."""
+    for alias, target in family_for(module.cfg).tied_aliases(module.cfg).items():
+        if prefix + alias not in state_dict and prefix + target in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + target]

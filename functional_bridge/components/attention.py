@@ -1,0 +1,133 @@
+"""Stateless causal self-attention with explicit dtype promotion.
+
+Scores and softmax are computed in float32 whatever the parameter dtype, and the pattern is cast
+to the value dtype before it meets the values. With no hook on the scores or the pattern (and
+outside functorch transforms, where CPU SDPA has no batching rule), the fused
+``F.scaled_dot_product_attention`` runs instead: same function, within dtype tolerance.
+
+Masking follows HookedTransformer: masked scores are -inf in ``hook_attn_scores``, and a query
+with no key to attend to (a left-padding position) gets an all-zero pattern, hence z = 0, with
+no NaN in the forward or the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..hooks import HookSet, LayerHookNames
+from .linear import Affine, affine
+from .norms import Norm
+
+
+class AttentionWeights(NamedTuple):
+    qkv: Affine | None  # fused projection whose output splits as qkv_layout says, or None
+    q: Affine | None  # separate projections when there is no fused one
+    k: Affine | None
+    v: Affine | None
+    o: Affine  # [n_heads * d_head] -> [d_model]
+    qkv_layout: str = "qkv"  # "qkv": [q heads | k heads | v heads]; "head_qkv": [head, 3, d_head]
+    q_norm: Norm | None = None  # per-head norm on queries and keys (Qwen3)
+    k_norm: Norm | None = None
+
+
+class AttentionMask(NamedTuple):
+    """Which keys each query may attend to, built once per forward and shared by all layers."""
+
+    allowed: Tensor  # [batch or 1, 1, query_pos, key_pos] bool: causal (and window) and not padding
+    has_key: Tensor | None  # [batch, 1, query_pos, 1] bool; None when every query has a key
+    is_plain_causal: bool  # no padding and no window: SDPA's is_causal=True suffices
+
+
+def build_attention_mask(
+    query_len: int, key_mask: Tensor | None, device: torch.device, window: int | None = None
+) -> AttentionMask:
+    """key_mask: [batch, key_pos], True/1 at real tokens (None: no padding)."""
+    positions = torch.arange(query_len, device=device)
+    allowed = positions[None, :] <= positions[:, None]  # [query_pos, key_pos]
+    if window is not None:
+        allowed = allowed & (positions[None, :] > positions[:, None] - window)
+    allowed = allowed[None, None]
+    if key_mask is None:
+        return AttentionMask(allowed, None, window is None)
+    allowed = allowed & key_mask.bool()[:, None, None, :]
+    return AttentionMask(allowed, allowed.any(-1, keepdim=True), False)
+
+
+def project_qkv(x: Tensor, weights: AttentionWeights, n_heads: int, n_kv_heads: int, d_head: int):
+    """x: [batch, pos, d_model] -> q [batch, pos, n_heads, d_head], k and v [.., n_kv_heads, ..]."""
+    lead = x.shape[:-1]
+    if weights.qkv is None:
+        q = affine(x, weights.q).view(*lead, n_heads, d_head)
+        k = affine(x, weights.k).view(*lead, n_kv_heads, d_head)
+        v = affine(x, weights.v).view(*lead, n_kv_heads, d_head)
+        return q, k, v
+    fused = affine(x, weights.qkv)
+    if weights.qkv_layout == "head_qkv":
+        return fused.view(*lead, n_heads, 3, d_head).unbind(-2)
+    q, k, v = fused.split([n_heads * d_head, n_kv_heads * d_head, n_kv_heads * d_head], dim=-1)
+    return q.view(*lead, n_heads, d_head), k.view(*lead, n_kv_heads, d_head), v.view(*lead, n_kv_heads, d_head)
+
+
+def _inside_functorch_transform(x: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return torch._C._functorch.is_batchedtensor(x)
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    attn_scale: float,
+    hooks: HookSet,
+    names: LayerHookNames,
+) -> Tensor:
+    """q: [batch, q_pos, n_heads, d_head], k, v: [batch, k_pos, n_kv_heads, d_head] -> z like q."""
+    explicit = hooks.wants(names.attn_scores) or hooks.wants(names.pattern)
+    if explicit or _inside_functorch_transform(q):
+        z = _explicit_attention(q, k, v, mask, attn_scale, hooks, names)
+    else:
+        z = _sdpa_attention(q, k, v, mask, attn_scale)
+    return hooks(names.z, z)
+
+
+def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
+    gqa = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+    if mask.is_plain_causal:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1.0 / attn_scale, **gqa)
+        return out.transpose(1, 2)
+    allowed = mask.allowed if mask.has_key is None else mask.allowed | ~mask.has_key
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=1.0 / attn_scale, **gqa)
+    if mask.has_key is not None:  # rows with no key: z = 0, as the explicit path gives
+        out = out.masked_fill(~mask.has_key, 0.0)
+    return out.transpose(1, 2)
+
+
+def _explicit_attention(q, k, v, mask: AttentionMask, attn_scale, hooks: HookSet, names: LayerHookNames):
+    group = q.shape[-2] // k.shape[-2]
+    if group > 1:  # grouped-query attention: each key/value head serves `group` query heads
+        k = k.repeat_interleave(group, dim=-2)
+        v = v.repeat_interleave(group, dim=-2)
+    q32 = q.transpose(1, 2).float()  # [batch, head, q_pos, d_head]
+    k32 = k.transpose(1, 2).float()  # [batch, head, k_pos, d_head]
+    scores = (q32 @ k32.transpose(-1, -2)) / attn_scale  # [batch, head, q_pos, k_pos]
+    scores = scores.masked_fill(~mask.allowed, float("-inf"))
+    scores = hooks(names.attn_scores, scores)
+    if mask.has_key is None:
+        pattern = scores.softmax(-1)
+    else:  # softmax of an all -inf row is NaN: give such rows finite scores, then zero them
+        pattern = scores.masked_fill(~mask.has_key, 0.0).softmax(-1).masked_fill(~mask.has_key, 0.0)
+    pattern = hooks(names.pattern, pattern.to(v.dtype))
+    z = pattern @ v.transpose(1, 2)  # [batch, head, q_pos, d_head]
+    return z.transpose(1, 2)
+
+
+def attention_output(z: Tensor, o: Affine) -> Tensor:
+    """z: [batch, pos, head, d_head] -> [batch, pos, d_model]."""
+    return affine(z.reshape(*z.shape[:-2], z.shape[-2] * z.shape[-1]), o)

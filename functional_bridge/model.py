@@ -1,0 +1,183 @@
+"""The pure transformer: forward(params, tokens, cfg) -> logits, and its cached/hooked variants.
+
+Everything here is a function of its arguments: no module state, no in-place writes to inputs,
+no Python branch on a tensor's value (the input checks that need values run only outside
+functorch transforms and torch.compile). That is what lets torch.func.vmap, grad, jvp and
+torch.compile take it. run_with_cache and run_with_hooks live here, next to forward, because
+they are forward with hooks; hooks.py stays free of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .architectures import family_for
+from .architectures.family import EmbedWeights, LayerWeights
+from .components.attention import AttentionMask, attend, attention_output, build_attention_mask, project_qkv
+from .components.embed import embed_tokens, learned_positions, position_ids
+from .components.linear import affine
+from .components.mlp import mlp
+from .components.norms import apply_norm
+from .config import BridgeConfig
+from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
+from .params import Params, check_params, params_device
+
+Hooks = Iterable[tuple[NameOrFilter, HookFn]]
+
+
+def forward(
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    hooks: Hooks | HookSet | None = None,
+) -> Tensor:
+    """Logits [batch, pos, d_vocab_out] for tokens [batch, pos] (a 1-D tokens gets batch 1).
+
+    attention_mask [batch, pos] marks real tokens (1) and padding (0), on either side: positions
+    count real tokens only, so each row's logits at its real positions equal that row run alone.
+    hooks: ``[(name or predicate, fn), ...]``, TransformerLens hook functions.
+    """
+    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    return transformer(params, tokens, cfg, attention_mask, resolve_hooks(cfg, hooks))
+
+
+def run_with_hooks(
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    *,
+    fwd_hooks: Hooks = (),
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """forward with TransformerLens-style ``fwd_hooks=[(name or predicate, fn)]``."""
+    return forward(params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks)
+
+
+def run_with_cache(
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    *,
+    names_filter: NameOrFilter | Sequence[str] | None = None,
+    attention_mask: Tensor | None = None,
+    fwd_hooks: Hooks = (),
+    detach: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(logits, cache): cache maps each hook name chosen by names_filter (a name, a list of
+    names, a predicate, or None for all) to its activation, in execution order. fwd_hooks run
+    before caching, so the cache shows edited activations. The cache is returned, never stored:
+    this works inside vmap and grad. detach=True detaches the cached tensors (TransformerLens's
+    behaviour); the default keeps them differentiable."""
+    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    cache: dict[str, Tensor] = {}
+
+    def save(activation: Tensor, hook) -> None:
+        cache[hook.name] = activation.detach() if detach else activation
+
+    hooks = resolve_hooks(cfg, fwd_hooks).appended(select_names(cfg, names_filter), save)
+    logits = transformer(params, tokens, cfg, attention_mask, hooks)
+    return logits, cache
+
+
+def check_inputs(
+    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Validate params, tokens and mask; return them as [batch, pos]. Raises before any work."""
+    check_params(params, cfg)
+    device = params_device(params)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+        attention_mask = None if attention_mask is None else attention_mask[None]
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}")
+    if tokens.device != device:
+        raise ValueError(f"tokens are on {tokens.device} but params are on {device}")
+    if tokens.shape[1] > cfg.n_ctx:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}")
+    if attention_mask is not None:
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}"
+            )
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but params are on {device}")
+        if attention_mask.is_floating_point():
+            raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+    if _values_readable(tokens) and tokens.numel():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= cfg.d_vocab:
+            raise ValueError(
+                f"token ids must be in [0, {cfg.d_vocab}) (d_vocab={cfg.d_vocab}); got ids from {low} to {high}"
+            )
+    return tokens, attention_mask
+
+
+def _values_readable(tensor: Tensor) -> bool:
+    """True outside torch.compile and functorch transforms, where a value check is allowed."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def transformer(
+    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None, hooks: HookSet
+) -> Tensor:
+    """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out]."""
+    family = family_for(cfg)
+    batch, seq = tokens.shape
+    positions = position_ids(attention_mask, seq, tokens.device)  # [batch or 1, pos]
+    resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
+    mask = build_attention_mask(seq, attention_mask, tokens.device, cfg.window_size)
+    for layer in range(cfg.n_layers):
+        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, mask, hooks)
+    final = family.unembed_weights(params, cfg)
+    x = apply_norm(resid, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
+    x = hooks("unembed.hook_in", x)
+    return hooks("unembed.hook_out", affine(x, final.unembed))
+
+
+def _embed(weights: EmbedWeights, tokens, positions, attention_mask, hooks: HookSet) -> Tensor:
+    """[batch, pos, d_model]: token embedding plus learned positions where the family has them."""
+    resid = hooks("hook_embed", embed_tokens(tokens, weights.W_E))
+    if weights.W_pos is None:
+        return resid
+    if attention_mask is None and not hooks.wants("hook_pos_embed"):
+        return resid + weights.W_pos[: tokens.shape[1]]  # broadcast over batch, no copy
+    pos = learned_positions(weights.W_pos, positions, attention_mask, tokens.shape[0])
+    return resid + hooks("hook_pos_embed", pos)
+
+
+def block(
+    resid: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask: AttentionMask, hooks: HookSet
+) -> Tensor:
+    """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]."""
+    names = layer_hook_names(cfg, layer)
+    resid = hooks(names.resid_pre, resid)
+    x = apply_norm(resid, w.ln1, cfg.eps, hooks, names.ln1_scale, names.ln1_normalized)
+    attn_out = hooks(names.attn_out, _attention(x, w, cfg, layer, mask, hooks, names))
+    if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
+        x2 = x if w.ln2 is None else apply_norm(resid, w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
+        mlp_out = hooks(names.mlp_out, mlp(x2, w.mlp, cfg.act_fn, hooks, names))
+        return hooks(names.resid_post, resid + attn_out + mlp_out)
+    resid = hooks(names.resid_mid, resid + attn_out)
+    x = apply_norm(resid, w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
+    mlp_out = hooks(names.mlp_out, mlp(x, w.mlp, cfg.act_fn, hooks, names))
+    return hooks(names.resid_post, resid + mlp_out)
+
+
+def _attention(x: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names) -> Tensor:
+    """[batch, pos, d_model] -> attention output [batch, pos, d_model]."""
+    q, k, v = project_qkv(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)  # [batch, pos, head, d_head]
+    q, k, v = hooks(names.q, q), hooks(names.k, k), hooks(names.v, v)
+    scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+    z = attend(q, k, v, mask, scale, hooks, names)
+    return attention_output(z, w.attn.o)

@@ -1,0 +1,48 @@
+"""TransformerLens-format weights, derived on demand from the HF leaves.
+
+Nothing here is stored: every call recomputes views of the current leaves, so the TL view can
+never be stale after an optimizer step, a load_state_dict, a to() or an edit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .architectures import family_for
+from .config import BridgeConfig
+from .params import Params, check_params
+
+# HookedTransformer's stacked properties: short name -> per-layer TL key suffix.
+LAYER_WEIGHTS = {
+    "W_Q": "attn.W_Q", "W_K": "attn.W_K", "W_V": "attn.W_V", "W_O": "attn.W_O",
+    "b_Q": "attn.b_Q", "b_K": "attn.b_K", "b_V": "attn.b_V", "b_O": "attn.b_O",
+    "W_in": "mlp.W_in", "b_in": "mlp.b_in", "W_gate": "mlp.W_gate",
+    "W_out": "mlp.W_out", "b_out": "mlp.b_out",
+}  # fmt: skip
+# Weights outside the blocks: short name -> TL key.
+GLOBAL_WEIGHTS = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
+
+
+def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
+    """TL name -> tensor: the keys, shapes and values of TransformerLens 3.9's conversion for the
+    family, as differentiable views of the leaves (no copies where a view exists)."""
+    check_params(params, cfg)
+    return family_for(cfg).tl_weights(params, cfg)
+
+
+def stacked_tl_weight(params: Params, cfg: BridgeConfig, short_name: str) -> Tensor:
+    """HookedTransformer's model.W_Q etc.: per-layer weights stacked on a leading [n_layers]
+    axis, or a global weight (W_E, W_pos, W_U, b_U)."""
+    tl = tl_weights(params, cfg)
+    if short_name in GLOBAL_WEIGHTS:
+        key = GLOBAL_WEIGHTS[short_name]
+        if key not in tl:
+            raise KeyError(f"this {cfg.original_architecture} model has no {key} ({short_name})")
+        return tl[key]
+    if short_name not in LAYER_WEIGHTS:
+        raise KeyError(f"unknown TransformerLens weight {short_name!r}; known: {sorted(LAYER_WEIGHTS) + sorted(GLOBAL_WEIGHTS)}")
+    keys = [f"blocks.{layer}.{LAYER_WEIGHTS[short_name]}" for layer in range(cfg.n_layers)]
+    if keys[0] not in tl:
+        raise KeyError(f"this {cfg.original_architecture} model has no {LAYER_WEIGHTS[short_name]} ({short_name})")
+    return torch.stack([tl[key] for key in keys])
