@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+import transformers
+
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def transformer_lens():
+    """TransformerLens 3.9, the oracle. FB_REQUIRE_ORACLE=1 (set by .ci/run) turns a missing
+    install into a failure instead of a skip."""
+    try:
+        import transformer_lens
+    except ImportError:
+        if os.environ.get("FB_REQUIRE_ORACLE") == "1":
+            pytest.fail("transformer-lens is not installed but FB_REQUIRE_ORACLE=1")
+        pytest.skip("transformer-lens not installed (pip install -e .[oracle])")
+    return transformer_lens
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
