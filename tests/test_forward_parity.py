@@ -140,3 +140,19 @@ def test_half_precision_is_as_close_to_float32_as_hf(dtype):
         assert e["ours"] <= 1.25 * hf_error, e
         for attn in ("sdpa", "eager"):
             assert e[f"ours_vs_hf_{attn}"] <= e["ours"] + e[f"hf_{attn}"], e
+
+
+def test_float64_is_never_downcast():
+    """'At least float32' promotion: a float64 model stays float64 on every path."""
+    hf = make_gpt2().double()
+    bridge = fb.Bridge.from_hf(hf)
+    tokens = random_tokens(2, 12, hf.config.vocab_size)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0
+    force_explicit = [(lambda name: name.endswith(("hook_pattern", "hook_scale")), lambda x, hook: None)]
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        for hooks in (None, force_explicit):
+            assert max_diff(bridge(tokens, hooks=hooks), expected) <= 1e-12
+            padded = bridge(tokens, attention_mask=mask, hooks=hooks)
+            assert max_diff(padded[0, 4:], hf(tokens[:1, 4:]).logits[0]) <= 1e-12

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..hooks import HookSet, LayerHookNames
 from .linear import Affine, affine
 from .norms import Norm
+from .precision import upcast
 
 
 class AttentionWeights(NamedTuple):
@@ -114,8 +115,8 @@ def _explicit_attention(q, k, v, mask: AttentionMask, attn_scale, hooks: HookSet
     if group > 1:  # grouped-query attention: each key/value head serves `group` query heads
         k = k.repeat_interleave(group, dim=-2)
         v = v.repeat_interleave(group, dim=-2)
-    q32 = q.transpose(1, 2).float()  # [batch, head, q_pos, d_head]
-    k32 = k.transpose(1, 2).float()  # [batch, head, k_pos, d_head]
+    q32 = upcast(q.transpose(1, 2))  # [batch, head, q_pos, d_head]
+    k32 = upcast(k.transpose(1, 2))  # [batch, head, k_pos, d_head]
     scores = (q32 @ k32.transpose(-1, -2)) / attn_scale  # [batch, head, q_pos, k_pos]
     scores = scores.masked_fill(~mask.allowed, float("-inf"))
     scores = hooks(names.attn_scores, scores)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..hooks import HookSet
+from .precision import upcast
 
 
 class Norm(NamedTuple):
@@ -34,7 +35,7 @@ def apply_norm(
 ) -> Tensor:
     """x: [..., d] -> [..., d], normalised then scaled by w (and shifted by b)."""
     if hooks.wants(scale_name):
-        centred, scale = _explicit_scale(x.float(), norm.kind, eps)
+        centred, scale = _explicit_scale(upcast(x), norm.kind, eps)
         scale = hooks(scale_name, scale)
         normalized = hooks(normalized_name, (centred / scale).to(x.dtype))
         return _affine(normalized, norm)
@@ -49,7 +50,7 @@ def apply_norm(
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps), computed in float32 and cast back, as HF's RMSNorms do."""
-    x32 = x.float()
+    x32 = upcast(x)
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

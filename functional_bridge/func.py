@@ -1,0 +1,111 @@
+"""torch.func workflows over the pure forward: per-example gradients, activation gradients
+(attribution without backward hooks), and the model as a function of one activation.
+
+Each is a few lines of vmap/grad/jacrev over ``forward``; they are here so that the defaults
+(padding-aware next-token loss, zero-delta hooks) are written once and tested.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .components.precision import upcast
+from .config import BridgeConfig
+from .hooks import select_names
+from .model import check_inputs, forward, run_with_cache
+from .params import Params
+
+LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy of predicting token i+1 from position i, over pairs where both are
+    real tokens. logits [batch, pos, vocab], tokens and attention_mask [batch, pos]."""
+    log_probs = F.log_softmax(upcast(logits[:, :-1]), dim=-1)  # [batch, pos-1, vocab]
+    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
+    if attention_mask is None:
+        return nll.mean()
+    pairs = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(nll.dtype)  # [batch, pos-1]
+    return (nll * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def detached(params: Params) -> dict[str, Tensor]:
+    """The leaves without autograd history, for torch.func transforms (which track their own)."""
+    return {name: value.detach() for name, value in params.items()}
+
+
+def per_example_grads(
+    params: Params,
+    cfg: BridgeConfig,
+    tokens: Tensor,
+    attention_mask: Tensor | None = None,
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of each example's loss: HF name -> [batch, *leaf shape].
+
+    loss_fn(logits [1, pos, vocab], tokens [1, pos], attention_mask [1, pos] or None) -> scalar;
+    the default is next_token_loss over real tokens. Rows may be padded (left or right) to
+    different lengths. chunk_size bounds how many examples vmap holds at once."""
+    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    loss_fn = loss_fn or next_token_loss
+
+    def example_loss(p: Params, row: Tensor, row_mask: Tensor | None) -> Tensor:
+        row, row_mask = row[None], None if row_mask is None else row_mask[None]
+        return loss_fn(forward(p, row, cfg, attention_mask=row_mask), row, row_mask)
+
+    mask_dim = None if attention_mask is None else 0
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, mask_dim), chunk_size=chunk_size)
+    return per_example(detached(params), tokens, attention_mask)
+
+
+def activation_grads(
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    metric: Callable[[Tensor], Tensor],
+    names: str | Sequence[str] | Callable[[str], bool],
+    *,
+    attention_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """d metric(logits) / d activation at each named hook point, by adding a zero perturbation
+    at those points and differentiating with torch.func.grad (no backward hooks). Each gradient
+    has its activation's shape."""
+    names = select_names(cfg, names)
+    with torch.no_grad():
+        _, cache = run_with_cache(params, tokens, cfg, names_filter=names, attention_mask=attention_mask, detach=True)
+    zeros = {name: torch.zeros_like(cache[name]) for name in names}
+    params = detached(params)
+
+    def perturbed_metric(deltas: dict[str, Tensor]) -> Tensor:
+        hooks = [(name, lambda x, hook: x + deltas[hook.name]) for name in names]
+        return metric(forward(params, tokens, cfg, attention_mask=attention_mask, hooks=hooks))
+
+    return grad(perturbed_metric)(zeros)
+
+
+def with_activation(
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    name: str,
+    output: Callable[[Tensor], Tensor] = lambda logits: logits,
+    *,
+    attention_mask: Tensor | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """The model as a function of one activation: ``f(activation) -> output(logits)`` with the
+    activation at hook ``name`` replaced by the argument. For torch.func.jacrev / jvp / hessian:
+    e.g. ``jacrev(with_activation(p, t, cfg, "blocks.1.hook_resid_pre", lambda l: l[0, -1]))``."""
+    (name,) = select_names(cfg, name)
+    params = detached(params)
+
+    def f(activation: Tensor) -> Tensor:
+        hooks = [(name, lambda x, hook: activation)]
+        return output(forward(params, tokens, cfg, attention_mask=attention_mask, hooks=hooks))
+
+    return f
