@@ -7,6 +7,8 @@ pass are pure functions of it.
 from .architectures import UnsupportedArchitectureError, config_from_hf, supported_architectures
 from .bridge import Bridge
 from .config import BridgeConfig
+from . import patching
+from .func import activation_grads, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
 from .model import forward, run_with_cache, run_with_hooks
 from .params import ParamsStructureError, check_params, stack_params, unstack_params
@@ -18,6 +20,11 @@ __all__ = [
     "HookPoint",
     "ParamsStructureError",
     "UnsupportedArchitectureError",
+    "activation_grads",
+    "next_token_loss",
+    "patching",
+    "per_example_grads",
+    "with_activation",
     "check_params",
     "config_from_hf",
     "forward",
