@@ -9,8 +9,11 @@ an untied ``lm_head.weight`` (and an ``unembed.b_U``).
 from __future__ import annotations
 
 import math
+from typing import Collection, Mapping
 
 import einops
+import torch
+from torch import Tensor
 
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
@@ -154,6 +157,43 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict:
     return tl
 
 
+def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[str] = ()) -> dict:
+    """Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extras) from
+    a complete TL dict; hf_from_tl(tl_weights(p), cfg, ()) == p bitwise."""
+    unknown = [name for name in extras if name not in extra_param_shapes(cfg)]
+    if unknown:
+        raise ValueError(f"{ARCHITECTURE} has no extra leaf {unknown}; known: {list(extra_param_shapes(cfg))}")
+    hf = {"transformer.wte.weight": tl["embed.W_E"], "transformer.wpe.weight": tl["pos_embed.W_pos"]}
+    for layer in range(cfg.n_layers):
+        p, t = _block(layer), f"blocks.{layer}."
+        hf[p + "ln_1.weight"] = tl[t + "ln1.w"]
+        hf[p + "ln_1.bias"] = tl[t + "ln1.b"]
+        qkv = [einops.rearrange(tl[t + "attn." + key], "i m h -> m (i h)") for key in ("W_Q", "W_K", "W_V")]
+        hf[p + "attn.c_attn.weight"] = torch.cat(qkv, dim=1)  # [d_model, 3 * n * d_head]
+        hf[p + "attn.c_attn.bias"] = torch.cat([tl[t + "attn." + key].reshape(-1) for key in ("b_Q", "b_K", "b_V")])
+        hf[p + "attn.c_proj.weight"] = einops.rearrange(tl[t + "attn.W_O"], "i h m -> (i h) m")
+        hf[p + "attn.c_proj.bias"] = tl[t + "attn.b_O"]
+        hf[p + "ln_2.weight"] = tl[t + "ln2.w"]
+        hf[p + "ln_2.bias"] = tl[t + "ln2.b"]
+        hf[p + "mlp.c_fc.weight"] = tl[t + "mlp.W_in"]
+        hf[p + "mlp.c_fc.bias"] = tl[t + "mlp.b_in"]
+        hf[p + "mlp.c_proj.weight"] = tl[t + "mlp.W_out"]
+        hf[p + "mlp.c_proj.bias"] = tl[t + "mlp.b_out"]
+    hf["transformer.ln_f.weight"] = tl["ln_final.w"]
+    hf["transformer.ln_f.bias"] = tl["ln_final.b"]
+    if not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = tl["unembed.W_U"].T  # [d_vocab_out, d_model]
+    for name in extra_param_shapes(cfg):  # the family's order, whatever order extras has
+        if name in extras:
+            hf[name] = tl["unembed.W_U"].T if name == "lm_head.weight" else tl[name]
+    return {name: tensor.contiguous() for name, tensor in hf.items()}
+
+
+def tl_derived_keys(cfg: BridgeConfig) -> dict[str, str]:
+    """A tied unembedding is the embedding, transposed (writing it unties: see editing.py)."""
+    return {"unembed.W_U": "embed.W_E"} if cfg.tie_word_embeddings else {}
+
+
 FAMILY = Family(
     name="gpt2",
     hf_architectures=(ARCHITECTURE,),
@@ -165,4 +205,6 @@ FAMILY = Family(
     layer_weights=layer_weights,
     unembed_weights=unembed_weights,
     tl_weights=tl_weights,
+    hf_from_tl=hf_from_tl,
+    tl_derived_keys=tl_derived_keys,
 )
