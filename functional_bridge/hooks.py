@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from .config import BridgeConfig
@@ -86,7 +87,19 @@ class LayerHookNames:
         return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name)]
 
 
-@lru_cache(maxsize=None)
+def _memoized(fn):
+    """lru_cache, bypassed while torch.compile traces (dynamo warns on lru_cache wrappers; the
+    names are constants it folds anyway)."""
+    cached = lru_cache(maxsize=None)(fn)
+
+    def lookup(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    lookup.__doc__, lookup.__name__ = fn.__doc__, fn.__name__
+    return lookup
+
+
+@_memoized
 def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     p = f"blocks.{layer}."
     rotary = cfg.positional_embedding_type == "rotary"
@@ -119,7 +132,7 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     )
 
 
-@lru_cache(maxsize=None)
+@_memoized
 def _hook_names(cfg: BridgeConfig) -> tuple[str, ...]:
     names = ["hook_embed"]
     if cfg.positional_embedding_type == "standard":
