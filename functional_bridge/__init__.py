@@ -7,15 +7,19 @@ pass are pure functions of it.
 from .architectures import UnsupportedArchitectureError, config_from_hf, supported_architectures
 from .bridge import Bridge
 from .config import BridgeConfig
+from .editing import set_tl_weights
 from . import patching
 from .func import activation_grads, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
 from .model import forward, run_with_cache, run_with_hooks
+from .processing import process_weights
 from .params import ParamsStructureError, check_params, stack_params, unstack_params
 from .weights import tl_weights
 
 __all__ = [
     "Bridge",
+    "process_weights",
+    "set_tl_weights",
     "BridgeConfig",
     "HookPoint",
     "ParamsStructureError",

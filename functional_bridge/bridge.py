@@ -143,6 +143,53 @@ class Bridge(nn.Module):
     def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
         return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
 
+    # processing and TL edits ------------------------------------------------------------------
+
+    def processed(
+        self,
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> "Bridge":
+        """A new Bridge over ``fb.process_weights(self.params, ...)`` (TransformerLens's options),
+        with this bridge's cfg and hf_config; this bridge is untouched."""
+        from .processing import process_weights
+
+        with torch.no_grad():
+            params = process_weights(
+                self.params, self.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            )  # fmt: skip
+        own = self.params
+        trainable = any(leaf.requires_grad for leaf in own.values())
+        leaves = {
+            name: nn.Parameter(value, requires_grad=own[name].requires_grad if name in own else trainable)
+            for name, value in params.items()
+        }  # fmt: skip
+        return Bridge(leaves, self.cfg, copy.deepcopy(self.hf_config))
+
+    def set_tl_weights(self, updates: Mapping[str, Tensor]) -> None:
+        """Write TL-named values (``{"blocks.0.attn.W_O": value}``) into the leaves, in place and
+        atomically: everything is checked and computed before the first write. An edit that needs
+        a new extra leaf (writing a tied W_U unties it into lm_head.weight) registers it; an
+        optimizer built earlier does not see a new leaf. See ``fb.set_tl_weights``."""
+        from .editing import tl_edit_leaves
+
+        own = self.params
+        with torch.no_grad():
+            # copies: a value may be a view of a leaf that an earlier write in the loop changes
+            new = {name: value.clone() for name, value in tl_edit_leaves(own, self.cfg, updates).items()}
+            trainable = any(leaf.requires_grad for leaf in own.values())
+            for name, value in new.items():
+                if name in own:
+                    own[name].copy_(value)
+                else:
+                    _register_leaf(self, name, nn.Parameter(value, requires_grad=trainable))
+
     def extra_repr(self) -> str:
         c = self.cfg
         return f"{c.original_architecture}: n_layers={c.n_layers}, d_model={c.d_model}, n_heads={c.n_heads}"
