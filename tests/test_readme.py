@@ -10,9 +10,12 @@ README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
+NAMESPACE: dict = {}  # blocks run in order in one namespace, like a notebook
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_python_block_runs(index):
-    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {})
+    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), NAMESPACE)
 
 
 def test_readme_opens_with_the_two_commands():
