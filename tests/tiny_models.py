@@ -1,0 +1,51 @@
+"""Tiny perturbed HF models for every family the bridge registers, so that family-generic tests
+(processing, TL edits) cover each family as it lands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import functional_bridge as fb
+from helpers import make_gpt2
+
+SMALL = dict(vocab_size=97, max_position_embeddings=40)
+LLAMA_LIKE = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, **SMALL)
+
+# HF class name -> HF config class name and fields (d_model 48, 4 heads, d_mlp 80 != d_model).
+CONFIGS = {
+    "LlamaForCausalLM": ("LlamaConfig", dict(LLAMA_LIKE, num_key_value_heads=2)),
+    "MistralForCausalLM": ("MistralConfig", dict(LLAMA_LIKE, num_key_value_heads=2, sliding_window=None)),
+    "Qwen2ForCausalLM": ("Qwen2Config", dict(LLAMA_LIKE, num_key_value_heads=2)),
+    "Qwen3ForCausalLM": ("Qwen3Config", dict(LLAMA_LIKE, num_key_value_heads=2, head_dim=12)),
+    "GPTNeoXForCausalLM": (
+        "GPTNeoXConfig",
+        dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, **SMALL,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    ),
+    "GPTJForCausalLM": ("GPTJConfig", dict(n_embd=48, n_inner=80, n_layer=2, n_head=4, rotary_dim=6, vocab_size=97, n_positions=40, bos_token_id=0, eos_token_id=0)),
+}
+
+
+def architectures() -> list[str]:
+    return fb.supported_architectures()
+
+
+def tiny_model(architecture: str, seed: int = 0, tie_word_embeddings: bool | None = None) -> torch.nn.Module:
+    """A small eval-mode model of this HF class with norms and biases moved off their init."""
+    tie = {} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}
+    if architecture == "GPT2LMHeadModel":
+        return make_gpt2(seed, **tie)
+    if architecture not in CONFIGS:
+        pytest.fail(f"no tiny config for {architecture}: add one to tests/tiny_models.py")
+    config_class, fields = CONFIGS[architecture]
+    config = getattr(transformers, config_class)(**fields, **tie)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.add_(0.1 * noise if param.dim() == 1 else 0.5 * param.std() * noise)
+    return model
