@@ -4,6 +4,8 @@ One pytree of HF leaf tensors is the only state; TransformerLens-format weights 
 pass are pure functions of it.
 """
 
+from . import analysis
+from .analysis import ActivationCache, FactoredMatrix, SVDInterpreter, composition_scores
 from .architectures import UnsupportedArchitectureError, config_from_hf, supported_architectures
 from .bridge import Bridge
 from .config import BridgeConfig
@@ -17,6 +19,11 @@ from .params import ParamsStructureError, check_params, stack_params, unstack_pa
 from .weights import tl_weights
 
 __all__ = [
+    "ActivationCache",
+    "FactoredMatrix",
+    "SVDInterpreter",
+    "analysis",
+    "composition_scores",
     "Bridge",
     "process_weights",
     "set_tl_weights",

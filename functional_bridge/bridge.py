@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from .analysis import ActivationCache, FactoredMatrix, all_composition_scores, ov_circuit, qk_circuit
 from .architectures import config_from_hf, family_for, family_for_architecture
 from .config import BridgeConfig
 from .hf_io import build_hf_model, hf_params, load_hf_model
@@ -120,6 +121,23 @@ class Bridge(nn.Module):
     def hook_names(self) -> list[str]:
         return hook_names(self.cfg)
 
+    # circuits ---------------------------------------------------------------------------------
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """W_Q W_K^T per head, FactoredMatrix [n_layers, n_heads, d_model, d_model], from the leaves."""
+        return qk_circuit(self.params, self.cfg)
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """W_V W_O per head, FactoredMatrix [n_layers, n_heads, d_model, d_model], from the leaves."""
+        return ov_circuit(self.params, self.cfg)
+
+    def all_composition_scores(self, mode: str) -> Tensor:
+        """Q-, K- or V-composition scores between all pairs of heads, [n_layers, n_heads, n_layers,
+        n_heads], zero unless the second head's layer is later (as HookedTransformer's)."""
+        return all_composition_scores(self.params, self.cfg, mode)
+
     # running ----------------------------------------------------------------------------------
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None) -> Tensor:
@@ -134,11 +152,13 @@ class Bridge(nn.Module):
         fwd_hooks=(),
         detach: bool = True,
     ):
-        """(logits, cache). Detaches the cache by default, as TransformerLens does."""
-        return run_with_cache(
+        """(logits, ActivationCache). Detaches the cache by default, as TransformerLens does.
+        The cache's analyses read this bridge's parameters when they are called."""
+        logits, cache = run_with_cache(
             self.params, tokens, self.cfg, names_filter=names_filter,
             attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach,
         )  # fmt: skip
+        return logits, ActivationCache(cache, self)
 
     def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
         return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
