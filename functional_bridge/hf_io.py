@@ -63,10 +63,12 @@ def build_hf_model(params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config) -
     untied_head = "lm_head.weight" in params and cfg.tie_word_embeddings
     unholdable = [name for name in extra if not (name == "lm_head.weight" and untied_head)]
     if unholdable:
+        listed = ", ".join(unholdable[:6]) + (f" ... ({len(unholdable)} in all)" if len(unholdable) > 6 else "")
         raise ValueError(
-            f"{hf_architecture(hf_config)} has no slot for {', '.join(unholdable)}: "
-            "this model cannot be exported to HF (for example, folding the final LayerNorm's bias "
-            "needs an unembedding bias that HF's class lacks)"
+            f"{hf_architecture(hf_config)} has no slot for {listed}, so this model cannot be exported "
+            "to HF: these extra leaves hold TransformerLens weights the HF class lacks, added by "
+            "processing or a TL edit (fold_ln folds the final LayerNorm's bias into unembed.b_U; "
+            "folding into a bias HF does not have adds it)"
         )
     hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
     if untied_head:
