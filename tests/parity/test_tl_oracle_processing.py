@@ -1,0 +1,139 @@
+"""Processing and TL edits against TransformerLens 3.9 itself: HookedTransformer's
+load_and_process_state_dict with the same options (its processed state dict and run_with_cache),
+ProcessWeights.process_weights for 16-bit weights, and run_with_hooks for ablations."""
+
+import pytest
+import torch
+
+import functional_bridge as fb
+from helpers import make_gpt2, max_diff, random_tokens
+from test_tl_oracle_gpt2 import tl_config, tl_conversion
+
+pytestmark = pytest.mark.oracle
+
+OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices")
+COMBOS = {
+    "all": {option: option != "refactor_factored_attn_matrices" for option in OPTIONS},
+    "all_and_refactor": dict.fromkeys(OPTIONS, True),
+    "none": dict.fromkeys(OPTIONS, False),
+    **{name: {option: option == name for option in OPTIONS} for name in OPTIONS},
+}
+
+
+def processed_hooked_transformer(hf, transformer_lens, **options):
+    model = transformer_lens.HookedTransformer(tl_config(hf, transformer_lens))
+    model.load_and_process_state_dict(dict(tl_conversion(hf, transformer_lens)), **options)  # TL pops keys
+    return model.eval()
+
+
+def is_weight(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].lstrip("_").startswith(("W_", "b_"))
+
+
+def assert_weights_equal(ours: dict, theirs: dict) -> None:
+    """Every W_/b_ weight TL holds equals ours exactly (the arithmetic is TL's, op for op); a
+    weight we lack is a bias our model does not add, so TL's must be zero."""
+    for key, value in theirs.items():
+        if not is_weight(key):
+            continue
+        if key in ours:
+            assert ours[key].shape == value.shape, key
+            assert torch.equal(ours[key], value), (key, max_diff(ours[key], value))
+        else:
+            assert key.rsplit(".", 1)[-1].startswith("b_") and not value.any(), key
+    assert {key for key in ours if is_weight(key)} <= set(theirs)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("combo", COMBOS)
+def test_processed_weights_equal_hooked_transformers(transformer_lens, combo, tie):
+    hf = make_gpt2(tie_word_embeddings=tie)
+    bridge = fb.Bridge.from_hf(hf)
+    processed = fb.process_weights(bridge.params, bridge.cfg, **COMBOS[combo])
+    model = processed_hooked_transformer(hf, transformer_lens, **COMBOS[combo])
+    assert_weights_equal(fb.tl_weights(processed, bridge.cfg), model.state_dict())
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("combo", COMBOS)
+def test_every_cached_activation_of_a_processed_model_equals_hooked_transformers(transformer_lens, combo, tie, padding):
+    hf = make_gpt2(tie_word_embeddings=tie)
+    processed = fb.Bridge.from_hf(hf).processed(**COMBOS[combo])
+    model = processed_hooked_transformer(hf, transformer_lens, **COMBOS[combo])
+    tokens = random_tokens(3, 12, hf.config.vocab_size)
+    mask = None
+    if padding:
+        mask = torch.ones_like(tokens)
+        mask[1, :3] = 0
+        mask[2, :5] = 0
+    with torch.no_grad():
+        logits, cache = processed.run_with_cache(tokens, attention_mask=mask)
+        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert list(cache) == list(tl_cache.keys())
+    for name, value in tl_cache.items():
+        assert cache[name].shape == value.shape, name
+        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
+            assert torch.equal(cache[name].isinf(), value.isinf()), name
+            finite = value.isfinite()
+            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
+        else:
+            assert max_diff(cache[name], value) <= 1e-5, name
+    assert max_diff(logits, tl_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_are_processed_in_float32_as_transformer_lens_does(transformer_lens, dtype):
+    from transformer_lens.weight_processing import ProcessWeights
+
+    hf = make_gpt2().to(dtype)
+    bridge = fb.Bridge.from_hf(hf)
+    options = COMBOS["all"]
+    ours = fb.tl_weights(fb.process_weights(bridge.params, bridge.cfg, **options), bridge.cfg)
+    state = dict(tl_conversion(hf, transformer_lens))
+    state["unembed.b_U"] = torch.zeros(hf.config.vocab_size, dtype=dtype)  # HookedTransformer's fill
+    theirs = ProcessWeights.process_weights(state, tl_config(hf, transformer_lens), **options)
+    assert all(value.dtype == dtype for value in ours.values())
+    assert_weights_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("processed", [False, True])
+def test_zeroing_a_head_via_W_O_equals_hooked_transformers_hook_z_ablation(transformer_lens, processed):
+    hf = make_gpt2()
+    options = COMBOS["all" if processed else "none"]
+    bridge = fb.Bridge.from_hf(hf).processed(**options)
+    model = processed_hooked_transformer(hf, transformer_lens, **options)
+    tokens = random_tokens(3, 10, hf.config.vocab_size)
+    layer, head = 1, 2
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    W_O = bridge.W_O[layer].detach().clone()
+    W_O[head] = 0
+    bridge.set_tl_weights({f"blocks.{layer}.attn.W_O": W_O})
+    with torch.no_grad():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
+        assert max_diff(bridge(tokens), expected) <= 1e-5
+        assert max_diff(model(tokens), expected) > 1e-3
+
+
+def test_an_edit_then_an_optimizer_step_leaves_no_stale_view(transformer_lens):
+    """After an in-place edit that unties the head and an AdamW step, the TL view equals TL's
+    conversion of the HF model over the same tensors, exactly."""
+    bridge = fb.Bridge.from_hf(make_gpt2())
+    W_U = bridge.W_U.detach() * 2
+    bridge.set_tl_weights({"unembed.W_U": W_U, "blocks.0.attn.W_O": torch.zeros_like(bridge.W_O[0])})
+    optimizer = torch.optim.AdamW(bridge.parameters(), lr=1e-2)
+    tokens = random_tokens(2, 8, bridge.cfg.d_vocab)
+    bridge(tokens).logsumexp(-1).mean().backward()
+    optimizer.step()
+    assert max_diff(bridge.W_U, W_U) > 1e-3 and bridge.W_O[0].abs().max() > 1e-3
+    hf = bridge.to_hf()
+    expected = tl_conversion(hf, transformer_lens)
+    ours = bridge.tl_parameters()
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
