@@ -20,7 +20,8 @@ from .components.attention import AttentionMask, attend, attention_output, build
 from .components.embed import embed_tokens, learned_positions, position_ids
 from .components.linear import affine
 from .components.mlp import mlp
-from .components.norms import apply_norm
+from .components.norms import Norm, apply_norm
+from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
 from .params import Params, check_params, params_device
@@ -136,9 +137,13 @@ def transformer(
     batch, seq = tokens.shape
     positions = position_ids(attention_mask, seq, tokens.device)  # [batch or 1, pos]
     resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
-    mask = build_attention_mask(seq, attention_mask, tokens.device, cfg.window_size)
+    rotary = rotary_tables(positions, cfg, resid.dtype) if cfg.positional_embedding_type == "rotary" else None
+    masks = {}  # one mask per distinct window span, shared by the layers that use it
     for layer in range(cfg.n_layers):
-        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, mask, hooks)
+        window = cfg.layer_window(layer)
+        if window not in masks:
+            masks[window] = build_attention_mask(seq, attention_mask, tokens.device, window)
+        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary)
     final = family.unembed_weights(params, cfg)
     x = apply_norm(resid, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
     x = hooks("unembed.hook_in", x)
@@ -157,15 +162,21 @@ def _embed(weights: EmbedWeights, tokens, positions, attention_mask, hooks: Hook
 
 
 def block(
-    resid: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask: AttentionMask, hooks: HookSet
+    resid: Tensor,
+    w: LayerWeights,
+    cfg: BridgeConfig,
+    layer: int,
+    mask: AttentionMask,
+    hooks: HookSet,
+    rotary: Rotary | None = None,
 ) -> Tensor:
     """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]."""
     names = layer_hook_names(cfg, layer)
     resid = hooks(names.resid_pre, resid)
     x = apply_norm(resid, w.ln1, cfg.eps, hooks, names.ln1_scale, names.ln1_normalized)
-    attn_out = hooks(names.attn_out, _attention(x, w, cfg, layer, mask, hooks, names))
+    attn_out = hooks(names.attn_out, _attention(x, w, cfg, layer, mask, hooks, names, rotary))
     if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
-        x2 = x if w.ln2 is None else apply_norm(resid, w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
+        x2 = x if w.ln2 is None and not _hooks_on_norms(hooks, names) else _ln2_parallel(resid, w, cfg, hooks, names)
         mlp_out = hooks(names.mlp_out, mlp(x2, w.mlp, cfg.act_fn, hooks, names))
         return hooks(names.resid_post, resid + attn_out + mlp_out)
     resid = hooks(names.resid_mid, resid + attn_out)
@@ -174,10 +185,36 @@ def block(
     return hooks(names.resid_post, resid + mlp_out)
 
 
-def _attention(x: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names) -> Tensor:
+def _hooks_on_norms(hooks: HookSet, names) -> bool:
+    return any(hooks.wants(n) for n in (names.ln1_scale, names.ln1_normalized, names.ln2_scale, names.ln2_normalized))
+
+
+def _ln2_parallel(resid: Tensor, w: LayerWeights, cfg: BridgeConfig, hooks: HookSet, names) -> Tensor:
+    """The MLP's norm in a parallel block. GPT-J has none (its MLP reads ln1's output); as
+    HookedTransformer, it is then ln1's weights applied again under ln2's hook names, so that
+    edits at ln1 hooks do not reach the MLP."""
+    ln2 = w.ln1 if w.ln2 is None else w.ln2
+    return apply_norm(resid, ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
+
+
+def _head_norm(x: Tensor, norm: Norm, eps: float, hooks: HookSet, scale_name, normalized_name) -> Tensor:
+    """Per-head norm (Qwen3's q_norm/k_norm): [batch, pos, head, d_head] -> the same. Hooks see
+    [batch * pos * head, ...] as HookedTransformer's."""
+    return apply_norm(x.reshape(-1, x.shape[-1]), norm, eps, hooks, scale_name, normalized_name).view(x.shape)
+
+
+def _attention(
+    x: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names, rotary: Rotary | None
+) -> Tensor:
     """[batch, pos, d_model] -> attention output [batch, pos, d_model]."""
     q, k, v = project_qkv(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)  # [batch, pos, head, d_head]
     q, k, v = hooks(names.q, q), hooks(names.k, k), hooks(names.v, v)
+    if w.attn.q_norm is not None:
+        q = _head_norm(q, w.attn.q_norm, cfg.eps, hooks, names.q_norm_scale, names.q_norm_normalized)
+        k = _head_norm(k, w.attn.k_norm, cfg.eps, hooks, names.k_norm_scale, names.k_norm_normalized)
+    if rotary is not None:
+        q = hooks(names.rot_q, apply_rotary(q, rotary))
+        k = hooks(names.rot_k, apply_rotary(k, rotary))
     scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
     z = attend(q, k, v, mask, scale, hooks, names)
     return attention_output(z, w.attn.o)

@@ -46,7 +46,10 @@ class AttentionMask(NamedTuple):
 def build_attention_mask(
     query_len: int, key_mask: Tensor | None, device: torch.device, window: int | None = None
 ) -> AttentionMask:
-    """key_mask: [batch, key_pos], True/1 at real tokens (None: no padding)."""
+    """key_mask: [batch, key_pos], True/1 at real tokens (None: no padding). A window no shorter
+    than the sequence masks nothing, so it is dropped (keeping SDPA's is_causal path)."""
+    if window is not None and window >= query_len:
+        window = None
     positions = torch.arange(query_len, device=device)
     allowed = positions[None, :] <= positions[:, None]  # [query_pos, key_pos]
     if window is not None:
