@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import gpt2
+from . import gpt2, gptj, llama, neox
 from .family import Family
 
-FAMILIES: tuple[Family, ...] = (gpt2.FAMILY,)
+FAMILIES: tuple[Family, ...] = (
+    gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
+)  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}
 
