@@ -1,0 +1,307 @@
+"""The rotary families (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX, GPT-J) against their HF models
+(eager and sdpa), rows run alone, Python loops, and the TL->HF inverse against the leaves."""
+
+import pytest
+import torch
+import transformers
+from torch.func import grad, vmap
+
+import functional_bridge as fb
+from family_helpers import ALL_VARIANTS, FAMILIES, VOCAB, family_config, make_family, supports
+from functional_bridge.architectures import family_for
+from helpers import max_diff, random_tokens
+
+FORCE_EXPLICIT = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)]
+
+
+def _params_cfg(hf):
+    return {k: v.detach() for k, v in hf.named_parameters()}, fb.config_from_hf(hf.config)
+
+
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_params_are_the_hf_leaves_in_hf_order(family, variant):
+    hf = make_family(family, variant)
+    bridge = fb.Bridge.from_hf(hf)
+    hf_named = list(hf.named_parameters())
+    assert [(n, tuple(p.shape)) for n, p in hf_named] == list(family_for(bridge.cfg).param_shapes(bridge.cfg).items())
+    assert all(a is b for a, (_, b) in zip(bridge.parameters(), hf_named))
+    assert len(list(bridge.buffers())) == 0  # no rotary tables or masks stored
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_logits_equal_hf(family, variant, attn):
+    hf = make_family(family, variant, attn=attn)
+    if not supports(hf, attn):
+        pytest.skip(f"{type(hf).__name__} has no {attn} attention in transformers {transformers.__version__}")
+    bridge = fb.Bridge.from_hf(hf)
+    tokens = random_tokens(3, 19, VOCAB)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert max_diff(bridge(tokens), expected) <= 1e-5
+        assert max_diff(bridge(tokens, hooks=FORCE_EXPLICIT), expected) <= 1e-5
+
+
+def _padded(lengths, side, seed=0):
+    width = max(lengths)
+    tokens = random_tokens(len(lengths), width, VOCAB, seed=seed)
+    mask = torch.zeros_like(tokens)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, width - n :] = 1
+        else:
+            mask[row, :n] = 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("path", ["sdpa", "explicit"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_equal_each_row_alone_through_hf(family, side, path):
+    """Positions count real tokens, so each padded row's logits at its real positions equal
+    HF's for that row run alone (sliding windows included: the rows are 11 > window long)."""
+    hf = make_family(family)
+    bridge = fb.Bridge.from_hf(hf)
+    tokens, mask = _padded([11, 6, 1, 8], side)
+    with torch.no_grad():
+        logits = bridge(tokens, attention_mask=mask, hooks=FORCE_EXPLICIT if path == "explicit" else None)
+        assert not logits.isnan().any()
+        for row in range(len(tokens)):
+            real = mask[row].bool()
+            assert max_diff(logits[row][real], hf(tokens[row][real][None]).logits[0]) <= 1e-5
+
+
+def _bf16_errors(family, seed):
+    """Max abs logit error against HF float32 of ours and of HF in bfloat16 (each attention HF
+    has), and ours against HF in bfloat16. HF's float32 rotary buffers are kept, as HF's own
+    from_pretrained(dtype=bfloat16) keeps them."""
+    hf = make_family(family, seed=seed, qk_scale=1.0)
+    tokens = random_tokens(2, 24, VOCAB, seed=seed)
+    with torch.no_grad():
+        reference = hf(tokens).logits.double()
+        buffers = {name: buffer.clone() for name, buffer in hf.named_buffers()}
+        hf.to(torch.bfloat16)
+        for name, buffer in buffers.items():
+            module, _, leaf = name.rpartition(".")
+            hf.get_submodule(module)._buffers[leaf] = buffer
+        ours = fb.Bridge.from_hf(hf)(tokens)
+        errors = {"ours": max_diff(ours, reference)}
+        for attn in ("sdpa", "eager"):
+            if supports(hf, attn):
+                hf.set_attn_implementation(attn)
+                theirs = hf(tokens).logits
+                errors[f"hf_{attn}"] = max_diff(theirs, reference)
+                errors[f"ours_vs_hf_{attn}"] = max_diff(ours, theirs)
+    assert ours.dtype == torch.bfloat16
+    return errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_is_as_close_to_float32_as_hf(family):
+    """As the GPT-2 test: no further from float32 than HF's own bfloat16 (1.25x, for rounding
+    luck), and from HF's bfloat16 by no more than the two errors together."""
+    for seed in range(2):
+        e = _bf16_errors(family, seed)
+        hf_errors = [value for key, value in e.items() if key.startswith("hf_")]
+        assert e["ours"] <= 1.25 * min(hf_errors), e
+        for attn in ("sdpa", "eager"):
+            if f"hf_{attn}" in e:
+                assert e[f"ours_vs_hf_{attn}"] <= e["ours"] + e[f"hf_{attn}"], e
+
+
+WRONG_SETTINGS = [
+    ("llama", "base", dict(rotary_base=10000.0)),
+    ("llama", "base", dict(rotary_adjacent_pairs=True)),
+    ("llama", "base", dict(rotary_dim=8)),
+    ("llama", "linear_rope", dict(rotary_scaling_factor=1.0)),
+    ("llama", "llama3_rope", dict(use_NTK_by_parts_rope=False)),
+    ("mistral", "base", dict(window_size=None)),
+    ("qwen2", "base", dict(attn_types=None)),  # the window on every layer, not layers >= 1
+    ("qwen3", "base", dict(eps=1e-1)),  # reaches q_norm and k_norm too
+    ("qwen3", "base", dict(rotary_base=10000.0)),
+    ("gpt_neox", "base", dict(rotary_dim=12)),
+    ("gpt_neox", "base", dict(rotary_adjacent_pairs=True)),
+    ("gpt_neox", "base", dict(rotary_base=10000.0)),
+    ("gptj", "base", dict(rotary_adjacent_pairs=False)),
+    ("gptj", "base", dict(rotary_dim=12)),
+    ("gptj", "base", dict(rotary_base=1000.0)),
+]
+
+
+@pytest.mark.parametrize("family,variant,change", WRONG_SETTINGS, ids=lambda x: str(x))
+def test_a_wrong_setting_fails_parity_by_a_wide_margin(family, variant, change):
+    """The models are sensitive enough that each wrong setting misses the 1e-5 bound >= 30x."""
+    hf = make_family(family, variant)
+    params, cfg = _params_cfg(hf)
+    tokens = random_tokens(2, 17, VOCAB)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert max_diff(fb.forward(params, tokens, cfg), expected) <= 1e-5
+        assert max_diff(fb.forward(params, tokens, cfg.replace(**change)), expected) > 3e-4
+
+
+@pytest.mark.parametrize(
+    "family,overrides,message",
+    [
+        ("llama", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'dynamic'"),
+        ("llama", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                        "original_max_position_embeddings": 32}), "rope_type 'yarn'"),
+        ("llama", dict(mlp_bias=True), "mlp_bias"),
+        ("llama", dict(hidden_act="mystery"), "hidden_act 'mystery'"),
+        ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+         "partial_rotary_factor"),
+        ("gpt_neox", dict(rotary_pct=0.25), "rotary dimension"),  # int(12 * 0.25) = 3 is odd
+        ("gpt_neox", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
+                                           "long_factor": [1.0], "partial_rotary_factor": 0.5}), "rope_type 'longrope'"),
+        ("gptj", dict(rotary_dim=None), "rotary_dim=None"),
+        ("gptj", dict(rotary_dim=5), "rotary_dim=5"),
+        ("gptj", dict(activation_function="mystery"), "activation_function 'mystery'"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)  # fmt: skip
+def test_unsupported_options_are_refused_by_name(family, overrides, message):
+    try:
+        hf_config = family_config(family, **overrides)
+    except Exception as error:  # HF's own validation refused it first: nothing to bridge
+        pytest.skip(f"transformers {transformers.__version__} refuses this config itself: {error}")
+    with pytest.raises(ValueError, match=message):
+        fb.config_from_hf(hf_config)
+
+
+def test_other_architectures_are_refused_with_the_supported_list():
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+    ))  # fmt: skip
+    with pytest.raises(fb.UnsupportedArchitectureError, match="'OPTForCausalLM'") as error:
+        fb.Bridge.from_hf(hf)
+    for architecture in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                         "Qwen3ForCausalLM", "GPTNeoXForCausalLM", "GPTJForCausalLM"):  # fmt: skip
+        assert architecture in str(error.value)
+        assert architecture in fb.supported_architectures()
+
+
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_hf_from_tl_inverts_tl_weights(family, variant):
+    """hf_from_tl(tl_weights(p)) == p bitwise, as new tensors; requesting every extra leaf adds
+    only TL's zeros (or the tied head), so the logits stay the same."""
+    hf = make_family(family, variant)
+    params, cfg = _params_cfg(hf)
+    fam = family_for(cfg)
+    tl = fam.tl_weights(params, cfg)
+    back = fam.hf_from_tl(tl, cfg, ())
+    assert list(back) == list(params)
+    for name, value in params.items():
+        assert torch.equal(back[name], value), name
+        assert back[name].untyped_storage().data_ptr() != value.untyped_storage().data_ptr(), name
+        assert back[name].is_contiguous(), name
+    extras = list(fam.extra_param_shapes(cfg))[::-1]
+    full = fam.hf_from_tl(tl, cfg, extras)
+    assert list(full) == list(params) + extras[::-1]
+    fb.check_params(full, cfg)
+    tokens = random_tokens(2, 9, VOCAB)
+    with torch.no_grad():
+        assert max_diff(fb.forward(full, tokens, cfg), fb.forward(params, tokens, cfg)) <= 1e-6
+    with pytest.raises(ValueError, match="no extra leaf"):
+        fam.hf_from_tl(tl, cfg, ["mystery.weight"])
+
+
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_tl_derived_keys_name_copies_that_writes_must_not_use(family, variant):
+    """Each derived key equals (an expansion of) its source; hf_from_tl reads the sources only,
+    so a change to a derived key changes nothing and a change to its source does."""
+    hf = make_family(family, variant)
+    params, cfg = _params_cfg(hf)
+    fam = family_for(cfg)
+    tl = fam.tl_weights(params, cfg)
+    derived = fam.tl_derived_keys(cfg)
+    if cfg.n_key_value_heads is not None:
+        assert "blocks.0.attn.W_K" in derived and "blocks.0.attn._W_K" in tl
+    # the zero biases' slots too, so their _b_K/_b_V sources are read; not an untied head (which reads W_U)
+    extras = [name for name in fam.extra_param_shapes(cfg) if name not in fam.tied_aliases(cfg)]
+    unedited = fam.hf_from_tl(tl, cfg, extras)
+    for key, source in derived.items():
+        expected = tl[source].T if key == "unembed.W_U" else tl[source]
+        expected = expected.repeat_interleave(tl[key].shape[0] // expected.shape[0], dim=0)
+        assert torch.equal(tl[key], expected), key
+        edited = dict(tl)
+        edited[key] = tl[key] + 1
+        assert all(torch.equal(a, b) for a, b in zip(fam.hf_from_tl(edited, cfg, extras).values(), unedited.values())), key
+        edited = dict(tl)
+        edited[source] = tl[source] + 1
+        assert not all(torch.equal(a, b) for a, b in zip(fam.hf_from_tl(edited, cfg, extras).values(), unedited.values())), source
+
+
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_tl_biases_are_the_hf_biases_or_zeros(family, variant):
+    """Where HF has a projection bias (attention_bias=True, Qwen2's qkv, NeoX, GPT-J's lm_head)
+    the TL bias is a view of it; elsewhere a zero (TL 3.9's converters give zeros)."""
+    hf = make_family(family, variant)
+    params, cfg = _params_cfg(hf)
+    tl = fb.tl_weights(params, cfg)
+    for layer in range(cfg.n_layers):
+        b_Q, b_O = tl[f"blocks.{layer}.attn.b_Q"], tl[f"blocks.{layer}.attn.b_O"]
+        assert b_Q.shape == (cfg.n_heads, cfg.d_head) and b_O.shape == (cfg.d_model,)
+        assert bool(b_Q.abs().sum() > 0) == cfg.qkv_bias
+        assert bool(b_O.abs().sum() > 0) == cfg.attn_out_bias
+        if cfg.qkv_bias:
+            assert any(b_Q.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in params.values())
+
+
+@pytest.mark.parametrize("family,variant", ALL_VARIANTS)
+def test_to_hf_runs_the_same_model(family, variant):
+    hf = make_family(family, variant)
+    bridge = fb.Bridge.from_hf(hf)
+    rebuilt = bridge.to_hf()
+    assert all(a is b for (_, a), (_, b) in zip(rebuilt.named_parameters(), hf.named_parameters()))
+    tokens = random_tokens(2, 9, VOCAB)
+    with torch.no_grad():
+        assert max_diff(rebuilt(tokens).logits, hf(tokens).logits) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_names_and_shapes(family):
+    hf = make_family(family)
+    bridge = fb.Bridge.from_hf(hf)
+    cfg = bridge.cfg
+    tokens = random_tokens(2, 7, VOCAB)
+    _, cache = bridge.run_with_cache(tokens)
+    assert list(cache) == fb.hook_names(cfg)
+    assert "hook_pos_embed" not in cache
+    assert cache["blocks.1.attn.hook_rot_q"].shape == (2, 7, cfg.n_heads, cfg.d_head)
+    assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 7, cfg.n_kv_heads, cfg.d_head)
+    assert ("blocks.0.attn.q_norm.hook_scale" in cache) == (family == "qwen3")
+    assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+    assert ("blocks.0.hook_resid_mid" in cache) != cfg.parallel_attn_mlp
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vmap_grad_per_example_equals_a_loop(family):
+    """Per-example gradients of padded rows of different lengths equal each row's gradient
+    computed alone, unpadded."""
+    hf = make_family(family)
+    params, cfg = _params_cfg(hf)
+    tokens, mask = _padded([9, 4, 7, 2], "left")
+
+    def loss(p, row, row_mask):
+        logits = fb.forward(p, row, cfg, attention_mask=row_mask)[0]  # [pos, d_vocab]
+        logp = logits[:-1].log_softmax(-1).gather(-1, row[1:, None])[:, 0]
+        pairs = (row_mask[:-1] * row_mask[1:]).to(logp.dtype)
+        return -(logp * pairs).sum() / pairs.sum()
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, tokens, mask)
+    for row in range(len(tokens)):
+        real = mask[row].bool()
+        alone = grad(loss)(params, tokens[row][real], mask[row][real])
+        for name in params:
+            assert max_diff(batched[name][row], alone[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vmapped_ensemble_equals_each_member(family):
+    members = [_params_cfg(make_family(family, seed=seed))[0] for seed in range(3)]
+    cfg = fb.config_from_hf(family_config(family))
+    tokens = random_tokens(2, 11, VOCAB)
+    with torch.no_grad():
+        logits = vmap(fb.forward, in_dims=(0, None, None))(fb.stack_params(members), tokens, cfg)
+        for member, params in enumerate(members):
+            assert max_diff(logits[member], fb.forward(params, tokens, cfg)) <= 1e-5
