@@ -227,3 +227,28 @@ def test_keys_shorthands_and_batch_removal_equal_transformer_lens(transformer_le
     stack, tl_stack = single.decompose_resid(), tl_single.decompose_resid()  # [n, pos, d_model]
     ours = single.logit_attrs(stack, tokens[0], has_batch_dim=False)
     assert rel(ours, tl_single.logit_attrs(tl_stack, tokens[0], has_batch_dim=False)) <= 1e-5
+
+
+def test_processed_bridge_analyses_equal_processed_hooked_transformer(transformer_lens):
+    """bridge.processed() (fold_ln, centring, value biases: TL's defaults) against a
+    HookedTransformer processed alike, whose norms become LNPre: the identity-weighted norms the
+    processed bridge keeps give the same centring, scaling and logit lens."""
+    hf = make_gpt2()
+    model = transformer_lens.HookedTransformer(tl_config(hf, transformer_lens))
+    model.load_and_process_state_dict(dict(tl_conversion(hf, transformer_lens)))  # TL's default processing
+    assert model.cfg.normalization_type == "LNPre"
+    bridge = fb.Bridge.from_hf(hf).processed()
+    tokens = random_tokens(2, 6, 97)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens)
+        _, tl_cache = model.run_with_cache(tokens)
+    for method in ("accumulated_resid", "decompose_resid", "stack_head_results", "get_full_resid_decomposition"):
+        assert rel(getattr(cache, method)(apply_ln=True), getattr(tl_cache, method)(apply_ln=True)) <= 1e-5, method
+    stack, tl_stack = cache.decompose_resid(), tl_cache.decompose_resid()
+    assert rel(cache.logit_attrs(stack, tokens), tl_cache.logit_attrs(tl_stack, tokens)) <= 1e-5
+    for mode in "QKV":
+        assert rel(bridge.all_composition_scores(mode), model.all_composition_scores(mode)) <= 1e-5
+    ours, theirs = fb.SVDInterpreter(bridge), transformer_lens.SVDInterpreter(model)
+    for vector_type in ("w_in", "w_out"):  # TL skips ln2.w once folded; ours multiplies by its 1s
+        mine, tl = ours.get_singular_vectors(vector_type, 1, 4), theirs.get_singular_vectors(vector_type, 1, 4)
+        assert equal_up_to_sign(mine, tl) <= 1e-5
