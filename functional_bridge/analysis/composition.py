@@ -52,8 +52,11 @@ def all_composition_scores(params: Params, cfg: BridgeConfig, mode: str) -> Tens
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     tl = tl_weights(params, cfg)
-    left = ov_from_tl(tl, cfg)
-    right = {"Q": lambda: qk_from_tl(tl, cfg), "K": lambda: qk_from_tl(tl, cfg).T, "V": lambda: left}[mode]()
+    left = ov_from_tl(tl, cfg)  # writes into the residual stream
+    if mode == "V":
+        right = left
+    else:  # the query side of W_QK reads on the left; K-composition reads on the key side
+        right = qk_from_tl(tl, cfg) if mode == "Q" else qk_from_tl(tl, cfg).T
     scores = composition_scores(left, right, broadcast_dims=True)
     layers = torch.arange(cfg.n_layers, device=scores.device)
     later = layers[:, None, None, None] < layers[None, None, :, None]  # [n_layers, 1, n_layers, 1]

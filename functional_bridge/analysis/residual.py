@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..config import BridgeConfig
 from .circuits import head_weight
+from .names import act_name
 from .slicing import selected_indices, take
 
 CENTRED_NORMS = ("LN", "LNPre")
@@ -293,7 +294,5 @@ def _token_shape(tokens) -> tuple[int, ...]:
 
 def stack_activation(cache, activation_name: str, layer=-1, sublayer_type: str | None = None) -> Tensor:
     """One activation of every block before ``layer``, stacked: [layer, ...]."""
-    from .names import act_name
-
     layer = _final(cache, layer)
     return torch.stack([cache[act_name(activation_name, l, sublayer_type)] for l in range(layer)])
