@@ -21,3 +21,12 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "functional_bridge", "tour"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "TL view equals the HF tensors after the step: True" in result.stdout
+
+
+def test_default_command_is_the_demo(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "functional_bridge", "--steps", "3", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained 3 steps" in result.stdout and (tmp_path / "figures.json").exists()

@@ -1,0 +1,1 @@
+"""The demo: train a small transformer through the bridge and find its induction heads."""

@@ -1,0 +1,88 @@
+"""The demo's report: a short text, a JSON of every figure, and a PNG of an induction head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _head(head) -> str:
+    return f"{head[0]}.{head[1]}"
+
+
+def report_lines(figures: dict) -> list[str]:
+    """The printed report; says plainly when no induction head formed."""
+    lines = []
+    train = figures.get("training", {})
+    if train:
+        stop = " (interrupted by Ctrl-C)" if train.get("interrupted") else ""
+        lines.append(
+            f"trained {train['steps_done']} steps in {train['seconds']:.1f} s ({train['steps_per_second']:.0f} steps/s)"
+            f"{stop}; final loss {train['final_loss']:.3f}"
+        )
+    unseen = figures["induction_score_unseen"]
+    induction = figures["induction_score"]
+    previous = figures["previous_token_score"]
+    lengths = ", ".join(map(str, figures["lengths_seen"]))
+    new = ", ".join(map(str, figures["lengths_unseen"]))
+    lines.append(f"attention scores over repeat lengths {lengths} (trained) and {new} (never seen in training):")
+    if not figures["induction_heads"]:
+        best = max(((l, h) for l in range(len(unseen)) for h in range(len(unseen[l]))), key=lambda x: unseen[x[0]][x[1]])
+        lines.append(
+            f"no induction head formed: the best head, {_head(best)}, scores {unseen[best[0]][best[1]]:.2f} at unseen lengths"
+        )
+    for layer, head in figures["induction_heads"]:
+        lines.append(
+            f"induction head: {layer}.{head} (score {unseen[layer][head]:.2f} at unseen lengths, "
+            f"{induction[layer][head]:.2f} over all; OV copying score {figures['copying_score'][layer][head]:+.2f})"
+        )
+    for layer, head in figures["previous_token_heads"]:
+        lines.append(f"previous-token head: {layer}.{head} (score {previous[layer][head]:.2f})")
+    top_layer0 = max(unseen[0])
+    lines.append(f"highest layer-0 induction score: {top_layer0:.2f}")
+    lines.append(
+        f"loss on the first half {figures['loss_first_half']:.2f} (chance {figures['loss_chance']:.2f}), "
+        f"on the repeated half {figures['loss_repeated_half']:.2f}"
+    )
+    for pair, score in figures.get("k_composition", {}).items():
+        lines.append(f"K-composition {pair}: {score:.2f} (mean over layer-0 -> layer-1 pairs {figures['k_composition_baseline']:.2f})")
+    ablation = figures.get("ablation")
+    if ablation:
+        zeroed = ", ".join(_head(h) for h in ablation["zeroed_heads"])
+        after = ", ".join(f"{k} {v:.2f}" for k, v in ablation["induction_score_unseen"].items())
+        lines.append(
+            f"zeroing previous-token heads {zeroed}: induction scores fall to {after}; "
+            f"repeated-half loss rises to {ablation['loss_repeated_half']:.2f}"
+        )
+    norms = ", ".join(f"{n:.2f}" for n in figures["per_example_grad_norms"])
+    lines.append(f"per-example gradient norms (vmap over 4 sequences): {norms}")
+    return lines
+
+
+def write_json(figures: dict, path: Path) -> None:
+    public = {k: v for k, v in figures.items() if not k.startswith("_")}
+    path.write_text(json.dumps(public, indent=2, default=str))
+
+
+def write_pattern_png(figures: dict, path: Path) -> str:
+    """The attention pattern of the strongest induction head; returns what happened, in words."""
+    if figures.get("_pattern") is None:
+        return "no induction head, so no pattern plot"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'functional-bridge[plot]'): skipped the PNG"
+    (layer, head), half, pattern = figures["_pattern"]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    image = ax.imshow(pattern.numpy(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_title(f"induction head {layer}.{head} on x + x (L = {half})")
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
