@@ -1,6 +1,9 @@
-"""Processing and TL edits against TransformerLens 3.9 itself: HookedTransformer's
-load_and_process_state_dict with the same options (its processed state dict and run_with_cache),
-ProcessWeights.process_weights for 16-bit weights, and run_with_hooks for ablations."""
+"""Processing and TL edits against TransformerLens 3.9 itself, for every registered family:
+HookedTransformer's load_and_process_state_dict with the same options (its processed state dict
+and run_with_cache), ProcessWeights.process_weights for 16-bit weights, run_with_hooks for
+ablations."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import functional_bridge as fb
 from helpers import make_gpt2, max_diff, random_tokens
 from test_tl_oracle_gpt2 import tl_config, tl_conversion
+from tiny_models import architectures, tiny_model
 
 pytestmark = pytest.mark.oracle
 
@@ -20,9 +24,36 @@ COMBOS = {
 }
 
 
+# HF class -> TL 3.9's conversion function (transformer_lens.pretrained.weight_conversions).
+CONVERSIONS = {
+    "GPT2LMHeadModel": "convert_gpt2_weights",
+    "LlamaForCausalLM": "convert_llama_weights",
+    "MistralForCausalLM": "convert_mistral_weights",
+    "Qwen2ForCausalLM": "convert_qwen2_weights",
+    "Qwen3ForCausalLM": "convert_qwen3_weights",
+    "GPTNeoXForCausalLM": "convert_neox_weights",
+    "GPTJForCausalLM": "convert_gptj_weights",
+}
+
+
+def hooked_config(cfg, transformer_lens):
+    """HookedTransformerConfig from a BridgeConfig, whose fields carry TL's names."""
+    known = {field.name for field in dataclasses.fields(transformer_lens.HookedTransformerConfig)}
+    fields = {k: v for k, v in cfg.to_dict().items() if k in known and v is not None}
+    fields.pop("attn_scale", None)  # TL derives it from d_head
+    fields.pop("d_vocab_out", None)
+    return transformer_lens.HookedTransformerConfig(**fields, use_attn_scale=cfg.attn_scale != 1.0)
+
+
 def processed_hooked_transformer(hf, transformer_lens, **options):
-    model = transformer_lens.HookedTransformer(tl_config(hf, transformer_lens))
-    model.load_and_process_state_dict(dict(tl_conversion(hf, transformer_lens)), **options)  # TL pops keys
+    from transformer_lens.pretrained import weight_conversions
+
+    cfg = fb.config_from_hf(hf.config)
+    if cfg.original_architecture not in CONVERSIONS:
+        pytest.fail(f"add TL's conversion for {cfg.original_architecture} to CONVERSIONS")
+    convert = getattr(weight_conversions, CONVERSIONS[cfg.original_architecture])
+    model = transformer_lens.HookedTransformer(hooked_config(cfg, transformer_lens))
+    model.load_and_process_state_dict(dict(convert(hf, model.cfg)), **options)  # TL pops keys
     return model.eval()
 
 
@@ -30,9 +61,10 @@ def is_weight(key: str) -> bool:
     return key.rsplit(".", 1)[-1].lstrip("_").startswith(("W_", "b_"))
 
 
-def assert_weights_equal(ours: dict, theirs: dict) -> None:
+def assert_weights_equal(ours: dict, theirs: dict, model=None) -> None:
     """Every W_/b_ weight TL holds equals ours exactly (the arithmetic is TL's, op for op); a
-    weight we lack is a bias our model does not add, so TL's must be zero."""
+    weight we lack is a bias our model does not add, so TL's must be zero. Our weights that are
+    not in TL's state dict are HookedTransformer properties (grouped-query W_K) and equal them."""
     for key, value in theirs.items():
         if not is_weight(key):
             continue
@@ -41,32 +73,21 @@ def assert_weights_equal(ours: dict, theirs: dict) -> None:
             assert torch.equal(ours[key], value), (key, max_diff(ours[key], value))
         else:
             assert key.rsplit(".", 1)[-1].startswith("b_") and not value.any(), key
-    assert {key for key in ours if is_weight(key)} <= set(theirs)
+    for key in ours:
+        if is_weight(key) and key not in theirs:
+            assert model is not None, key
+            assert torch.equal(ours[key], hooked_attribute(model, key)), key
 
 
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("combo", COMBOS)
-def test_processed_weights_equal_hooked_transformers(transformer_lens, combo, tie):
-    hf = make_gpt2(tie_word_embeddings=tie)
-    bridge = fb.Bridge.from_hf(hf)
-    processed = fb.process_weights(bridge.params, bridge.cfg, **COMBOS[combo])
-    model = processed_hooked_transformer(hf, transformer_lens, **COMBOS[combo])
-    assert_weights_equal(fb.tl_weights(processed, bridge.cfg), model.state_dict())
+def hooked_attribute(model, key: str):
+    """HookedTransformer's attribute for a TL key: "blocks.0.attn.W_K" -> model.blocks[0].attn.W_K."""
+    obj = model
+    for part in key.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
 
 
-@pytest.mark.parametrize("padding", [None, "left"])
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("combo", COMBOS)
-def test_every_cached_activation_of_a_processed_model_equals_hooked_transformers(transformer_lens, combo, tie, padding):
-    hf = make_gpt2(tie_word_embeddings=tie)
-    processed = fb.Bridge.from_hf(hf).processed(**COMBOS[combo])
-    model = processed_hooked_transformer(hf, transformer_lens, **COMBOS[combo])
-    tokens = random_tokens(3, 12, hf.config.vocab_size)
-    mask = None
-    if padding:
-        mask = torch.ones_like(tokens)
-        mask[1, :3] = 0
-        mask[2, :5] = 0
+def assert_caches_equal(processed, model, tokens, mask) -> None:
     with torch.no_grad():
         logits, cache = processed.run_with_cache(tokens, attention_mask=mask)
         tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
@@ -80,6 +101,33 @@ def test_every_cached_activation_of_a_processed_model_equals_hooked_transformers
         else:
             assert max_diff(cache[name], value) <= 1e-5, name
     assert max_diff(logits, tl_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("combo", COMBOS)
+@pytest.mark.parametrize("arch", architectures())
+def test_processed_model_equals_hooked_transformers(transformer_lens, arch, combo, tie):
+    """The processed TL weights equal HookedTransformer's processed state dict, and every cached
+    activation its run_with_cache, without padding and with left padding. With rotary
+    embeddings both refuse refactor_factored_attn_matrices."""
+    hf = tiny_model(arch, tie_word_embeddings=tie)
+    bridge = fb.Bridge.from_hf(hf)
+    options = COMBOS[combo]
+    if options["refactor_factored_attn_matrices"] and bridge.cfg.positional_embedding_type == "rotary":
+        with pytest.raises(AssertionError, match="rotary"):
+            processed_hooked_transformer(hf, transformer_lens, **options)
+        with pytest.raises(ValueError, match="rotary"):
+            bridge.processed(**options)
+        return
+    processed = bridge.processed(**options)
+    model = processed_hooked_transformer(hf, transformer_lens, **options)
+    assert_weights_equal(fb.tl_weights(processed.params, processed.cfg), model.state_dict(), model)
+    tokens = random_tokens(3, 12, bridge.cfg.d_vocab)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    assert_caches_equal(processed, model, tokens, None)
+    assert_caches_equal(processed, model, tokens, mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
