@@ -1,0 +1,99 @@
+"""Overheads: Bridge.from_hf (adopting an HF model's tensors), tl_parameters() (deriving
+TransformerLens's weights from the leaves), and the import time of functional_bridge in a
+fresh interpreter (wall time, against `import torch, transformers` alone, and
+`python -X importtime`'s cumulative figure). With --anchors, HookedTransformer's build from the
+same HF weights (config, TransformerLens's conversion, load_and_process_state_dict)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import functional_bridge as fb
+
+from .. import targets
+from ..timing import Stats
+
+DESCRIPTION = __doc__
+TARGETS = [f"Bridge.from_hf ms {targets.FROM_HF_MS.text()}"]
+
+
+def run(ctx) -> None:
+    hf = ctx.models.hf(ctx.dtype)
+    bridge = ctx.models.bridge(ctx.dtype)
+    case = ctx.settings.size
+    m = ctx.measure(case, {"from_hf": lambda: fb.Bridge.from_hf(hf), "tl_parameters": bridge.tl_parameters})
+    row = ctx.time_row(case, m, "from_hf", "Bridge.from_hf")
+    ctx._targeted(row, targets.FROM_HF_MS, None)
+    ctx.time_row(case, m, "tl_parameters", "tl_parameters()")
+    if ctx.settings.anchors:
+        ctx.attempt("HookedTransformer build", lambda: _anchor_build(ctx, hf, m))
+    _import_times(ctx)
+
+
+def _anchor_build(ctx, hf, m) -> None:
+    from ..anchors import hooked_transformer
+
+    seconds = []
+    for _ in range(max(1, min(3, ctx.settings.repeats))):
+        _, model = _timed(lambda: hooked_transformer(hf), seconds)
+        del model
+    st = Stats.of(seconds).scaled(1e3)
+    ctx.value_row(ctx.settings.size, "HookedTransformer build (from the HF weights) time", st.median, "ms", stats=st,
+                  note="init_weights=False, weights from TransformerLens's convert_gpt2_weights")  # fmt: skip
+    ratio = st.median / (m.stats("from_hf").median * 1e3)
+    ctx.value_row(ctx.settings.size, "HookedTransformer build / Bridge.from_hf (medians)", ratio, "x")
+
+
+def _timed(fn, seconds: list[float]):
+    begin = time.perf_counter()
+    result = fn()
+    seconds.append(time.perf_counter() - begin)
+    return seconds[-1], result
+
+
+def _python(code: str, *flags: str) -> tuple[float, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    begin = time.perf_counter()
+    done = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    seconds = time.perf_counter() - begin
+    if done.returncode:
+        raise RuntimeError(f"python {' '.join(flags)} -c {code!r} failed: {done.stderr[-2000:]}")
+    return seconds, done.stderr
+
+
+def _import_times(ctx) -> None:
+    case = "fresh interpreter"
+    seconds, log = _python("import functional_bridge", "-X", "importtime")  # also warms the file cache
+    if ctx.settings.quick:
+        ctx.value_row(case, "wall: python -X importtime -c 'import functional_bridge'", seconds * 1e3, "ms",
+                      note="--quick: one run, no baselines")  # fmt: skip
+    else:
+        repeats = max(1, min(5, ctx.settings.repeats))
+        contenders = {"functional_bridge": "import functional_bridge", "torch+transformers": "import torch, transformers",
+                      "python": "pass"}  # fmt: skip
+        samples = {name: [] for name in contenders}
+        for _ in range(repeats):  # interleaved
+            for name, code in contenders.items():
+                samples[name].append(_python(code)[0])
+        ctx.current.samples[case] = samples
+        for name, code in contenders.items():
+            st = Stats.of(samples[name]).scaled(1e3)
+            ctx.value_row(case, f"wall: python -c {code!r}", st.median, "ms", stats=st)
+        pairs = zip(samples["functional_bridge"], samples["torch+transformers"])
+        extra = Stats.of([a - b for a, b in pairs]).scaled(1e3)
+        ctx.value_row(case, "wall: functional_bridge - (torch + transformers)", extra.median, "ms", stats=extra)
+    cumulative = None
+    for line in log.splitlines():  # "import time: self [us] | cumulative | imported package"
+        match = re.match(r"import time:\s*(\d+) \|\s*(\d+) \|\s*(.*)$", line)
+        if match and match.group(3).strip() == "functional_bridge":
+            cumulative = int(match.group(2))
+    if cumulative is not None:
+        ctx.value_row(case, "-X importtime: functional_bridge cumulative", cumulative / 1e3, "ms",
+                      note="includes torch and transformers, which it imports")  # fmt: skip
+        lines = (re.match(r"import time:\s*(\d+) \|\s*\d+ \|\s*functional_bridge\b", line) for line in log.splitlines())
+        package = sum(int(match.group(1)) for match in lines if match)
+        ctx.value_row(case, "-X importtime: functional_bridge's own modules (self times)", package / 1e3, "ms")
