@@ -1,7 +1,8 @@
 """Rotary position embeddings, computed once per forward from the position ids (no buffers).
 
-Numerics follow HF: inverse frequencies and angles in float32, cos/sin cast to the activation
-dtype, then ``x * cos + rotate(x) * sin`` in that dtype. Two pairings: half-split (NeoX, Llama:
+Numerics follow HF: inverse frequencies and angles in float32 (float64 for float64
+activations: never downcast), cos/sin cast to the activation dtype, then
+``x * cos + rotate(x) * sin`` in that dtype. Two pairings: half-split (NeoX, Llama:
 dim i turns with dim i + rotary_dim/2) and adjacent pairs (GPT-J: dims 2i and 2i+1). Only the
 first ``rotary_dim`` dims of each head turn; the rest pass through.
 """
@@ -23,10 +24,10 @@ class Rotary(NamedTuple):
     adjacent_pairs: bool
 
 
-def inverse_frequencies(cfg: BridgeConfig, device: torch.device) -> Tensor:
-    """[rotary_dim // 2] float32 angular frequencies, with HF's "linear" or "llama3" scaling."""
+def inverse_frequencies(cfg: BridgeConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[rotary_dim // 2] angular frequencies, with HF's "linear" or "llama3" scaling."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim))
     if cfg.use_NTK_by_parts_rope:  # HF's _compute_llama3_parameters, op for op
         factor, old_len = cfg.NTK_by_parts_factor, cfg.NTK_original_ctx_len
         low, high = cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
@@ -43,8 +44,9 @@ def inverse_frequencies(cfg: BridgeConfig, device: torch.device) -> Tensor:
 
 def rotary_tables(positions: Tensor, cfg: BridgeConfig, dtype: torch.dtype) -> Rotary:
     """positions: [batch or 1, pos] integer ids -> cos/sin tables for every layer of one forward."""
-    inv_freq = inverse_frequencies(cfg, positions.device)
-    angles = positions[..., None].float() * inv_freq  # [batch or 1, pos, rotary_dim // 2]
+    precision = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = inverse_frequencies(cfg, positions.device, precision)
+    angles = positions[..., None].to(precision) * inv_freq  # [batch or 1, pos, rotary_dim // 2]
     if cfg.rotary_adjacent_pairs:
         angles = angles.repeat_interleave(2, dim=-1)
     else:

@@ -1,0 +1,232 @@
+"""The rotary families' TL weights and every cached activation against TransformerLens 3.9.
+
+HookedTransformerConfig is built by hand from the HF config, mirroring TL's
+loading_from_pretrained mapping, except where that mapping is wrong for a config tested here
+and HookedTransformer itself supports the right value: an explicit head_dim (TL's Llama branch
+uses hidden_size // n_heads), GPT-J's n_inner and layer_norm_epsilon (TL uses 4 * n_embd and
+1e-5), Qwen2/Qwen3 sliding-window layers (TL's mapping ignores them; its attn_types takes them),
+and linear rope scaling (rotary_scaling_factor). Configs HookedTransformer 3.9 cannot run are
+left out: attention biases in Llama/Qwen3 (TL's converters drop them: zeros) and GPT-NeoX with
+attention_bias=False (convert_neox_weights reads the missing bias).
+"""
+
+import pytest
+import torch
+
+import functional_bridge as fb
+from family_helpers import VOCAB, make_family
+from functional_bridge.architectures import family_for
+from helpers import max_diff, random_tokens
+
+pytestmark = pytest.mark.oracle
+
+ORACLE_VARIANTS = [
+    ("llama", "base"), ("llama", "linear_rope"), ("llama", "llama3_rope"), ("mistral", "base"), ("mistral", "no_window"),
+    ("qwen2", "base"), ("qwen2", "mha_tied"), ("qwen3", "base"), ("gpt_neox", "base"), ("gpt_neox", "sequential_tied"),
+    ("gptj", "base"), ("gptj", "full_rotary_tied"),
+]  # fmt: skip
+BIASED_VARIANTS = [("llama", "mha_tied_bias"), ("qwen3", "mha_bias_window")]
+CONVERTERS = {
+    "LlamaForCausalLM": "llama.convert_llama_weights", "MistralForCausalLM": "mistral.convert_mistral_weights",
+    "Qwen2ForCausalLM": "qwen2.convert_qwen2_weights", "Qwen3ForCausalLM": "qwen3.convert_qwen3_weights",
+    "GPTNeoXForCausalLM": "neox.convert_neox_weights", "GPTJForCausalLM": "gptj.convert_gptj_weights",
+}  # fmt: skip
+
+
+def _rope(c) -> dict:
+    params = dict(getattr(c, "rope_parameters", None) or {})
+    theta = getattr(c, "rope_theta", None)  # TL's _get_rope_theta: the attribute, then the dict
+    params["rope_theta"] = theta if theta is not None else params.get("rope_theta", 10000.0)
+    return params
+
+
+def _llama_like(hf) -> dict:
+    c, arch = hf.config, type(hf).__name__
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    n_kv = c.num_key_value_heads
+    rope = _rope(c)
+    fields = dict(
+        d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps, d_vocab=c.vocab_size,
+        act_fn=c.hidden_act, normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False, rotary_dim=d_head, rotary_base=rope["rope_theta"], final_rms=True,
+        gated_mlp=True, use_qk_norm=arch == "Qwen3ForCausalLM",
+        n_key_value_heads=n_kv if arch in ("MistralForCausalLM", "Qwen2ForCausalLM") or n_kv != c.num_attention_heads else None,
+    )  # fmt: skip
+    if rope.get("rope_type") == "llama3":  # TL's _apply_llama3_rope_scaling
+        fields.update(
+            use_NTK_by_parts_rope=True, NTK_original_ctx_len=rope["original_max_position_embeddings"],
+            NTK_by_parts_low_freq_factor=rope["low_freq_factor"], NTK_by_parts_high_freq_factor=rope["high_freq_factor"],
+            NTK_by_parts_factor=rope["factor"],
+        )  # fmt: skip
+    if rope.get("rope_type") == "linear":
+        fields["rotary_scaling_factor"] = rope["factor"]
+    if arch == "MistralForCausalLM" and c.sliding_window:
+        fields.update(use_local_attn=True, window_size=c.sliding_window, attn_types=["local"] * c.num_hidden_layers)
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and c.sliding_window is not None:
+        types = ["local" if t == "sliding_attention" else "global" for t in c.layer_types]
+        fields.update(use_local_attn=True, window_size=c.sliding_window, attn_types=types)
+    return fields
+
+
+def _neox(hf) -> dict:
+    c = hf.config
+    d_head = c.hidden_size // c.num_attention_heads
+    rope = _rope(c)
+    return dict(
+        d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps, d_vocab=c.vocab_size,
+        act_fn=c.hidden_act, use_attn_scale=True, parallel_attn_mlp=c.use_parallel_residual,
+        positional_embedding_type="rotary", rotary_adjacent_pairs=False, normalization_type="LN",
+        rotary_dim=round(rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0)) * d_head),
+        rotary_base=rope["rope_theta"],
+    )  # fmt: skip
+
+
+def _gptj(hf) -> dict:
+    c = hf.config
+    return dict(
+        d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd,
+        n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
+        act_fn=c.activation_function, use_attn_scale=True, parallel_attn_mlp=True, positional_embedding_type="rotary",
+        rotary_dim=c.rotary_dim, rotary_adjacent_pairs=True, normalization_type="LN",
+    )  # fmt: skip
+
+
+def tl_config(hf, transformer_lens):
+    arch = type(hf).__name__
+    fields = {"GPTNeoXForCausalLM": _neox, "GPTJForCausalLM": _gptj}.get(arch, _llama_like)(hf)
+    dtype = next(hf.parameters()).dtype
+    return transformer_lens.HookedTransformerConfig(original_architecture=arch, dtype=dtype, **fields)
+
+
+def tl_conversion(hf, transformer_lens):
+    import importlib
+
+    module, function = CONVERTERS[type(hf).__name__].split(".")
+    converter = getattr(importlib.import_module(f"transformer_lens.pretrained.weight_conversions.{module}"), function)
+    return converter(hf, tl_config(hf, transformer_lens))
+
+
+def hooked_transformer(hf, transformer_lens):
+    """HookedTransformer built from the same HF weights, no processing. TL 3.9's
+    load_and_process_state_dict round-trips every float64 tensor through float32, its own
+    rotary tables included; the tables it built at construction are put back, so a float64
+    model is float64 throughout (the weights here are float32 values, unchanged by the trip)."""
+    model = transformer_lens.HookedTransformer(tl_config(hf, transformer_lens))
+    tables = {name: buffer.clone() for name, buffer in model.named_buffers() if "rotary" in name}
+    state = dict(tl_conversion(hf, transformer_lens))  # TL pops keys from the dict it is given
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    for name, table in tables.items():
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, table)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family,variant", ORACLE_VARIANTS + BIASED_VARIANTS)
+def test_tl_weights_equal_the_conversion_and_hooked_transformer(transformer_lens, family, variant):
+    """Every key of TL 3.9's converter, same shape and value; the only extra keys are
+    HookedTransformer's expanded grouped-query W_K/W_V/b_K/b_V, equal to its properties. For
+    the biased variants TL's converter gives zeros where HF has biases; those are compared with
+    the HF biases instead."""
+    hf = make_family(family, variant)
+    bridge = fb.Bridge.from_hf(hf)
+    expected = tl_conversion(hf, transformer_lens)
+    ours = bridge.tl_parameters()
+    expanded = {k for k in family_for(bridge.cfg).tl_derived_keys(bridge.cfg) if k != "unembed.W_U"}
+    assert set(ours) == set(expected) | {k for k in expanded if ".attn." in k}
+    biased = (family, variant) in BIASED_VARIANTS
+    for name, value in expected.items():
+        assert ours[name].shape == value.shape, name
+        if biased and name.split(".")[-1] in ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O"):
+            continue
+        assert torch.equal(ours[name], value), name
+    if (family, variant) in BIASED_VARIANTS:
+        return
+    model = hooked_transformer(hf, transformer_lens)
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_gate", "W_out", "W_E", "W_U"):
+        if name == "W_gate" and not bridge.cfg.gated_mlp:
+            continue
+        assert torch.equal(getattr(bridge, name), getattr(model, name)), name
+
+
+@pytest.mark.parametrize("family,variant", [("llama", "base"), ("gpt_neox", "base"), ("gptj", "base")])
+def test_tl_weights_are_differentiable_views_of_the_leaves(family, variant):
+    hf = make_family(family, variant)
+    bridge = fb.Bridge.from_hf(hf)
+    tl = bridge.tl_parameters()
+    key = "blocks.1.attn._W_K" if bridge.cfg.n_key_value_heads else "blocks.1.attn.W_K"
+    leaf = next(p for p in bridge.parameters() if p.untyped_storage().data_ptr() == tl[key].untyped_storage().data_ptr())
+    (grad,) = torch.autograd.grad(tl[key][0, 5, 3], leaf)
+    assert grad.abs().sum() == 1
+
+
+def _mask(tokens, padding):
+    if padding is None:
+        return None
+    mask = torch.ones_like(tokens)
+    for row, n in enumerate([0, 3, 5]):
+        if padding == "left":
+            mask[row, :n] = 0
+        elif n:
+            mask[row, -n:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("family,variant", ORACLE_VARIANTS)
+def test_every_cached_activation_equals_hooked_transformer(transformer_lens, family, variant, padding):
+    """In float64 (both models), so that the 1e-5 bound measures the semantics rather than
+    float32 rounding of differently ordered sums: the sharpened attention scores reach ~20,
+    where float32's spacing is 2e-6."""
+    hf = make_family(family, variant).double()
+    bridge = fb.Bridge.from_hf(hf)
+    model = hooked_transformer(hf, transformer_lens)
+    tokens = random_tokens(3, 12, VOCAB)
+    mask = _mask(tokens, padding)
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert logits.dtype == tl_logits.dtype == torch.float64
+    assert list(cache) == list(tl_cache.keys())
+    assert list(cache) == fb.hook_names(bridge.cfg)
+    for name, value in tl_cache.items():
+        assert cache[name].shape == value.shape, name
+        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
+            assert torch.equal(cache[name].isinf(), value.isinf()), name
+            finite = value.isfinite()
+            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
+        else:
+            assert max_diff(cache[name], value) <= 1e-5, name
+    assert max_diff(logits, tl_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "gptj"])
+def test_run_with_hooks_edits_like_hooked_transformer(transformer_lens, family):
+    """Edits at ln1 (which GPT-J's MLP must not see: TL's ln2 is a separate, tied norm), at a
+    rotated key (grouped-query heads for Llama/Qwen3) and at Qwen3's k_norm scale. float64,
+    as above."""
+    hf = make_family(family).double()
+    bridge = fb.Bridge.from_hf(hf)
+    model = hooked_transformer(hf, transformer_lens)
+    tokens = random_tokens(2, 10, VOCAB)
+
+    def double(x, hook):
+        return x * 2
+
+    def ablate_head(x, hook):
+        x = x.clone()
+        x[:, :, 0] = 0
+        return x
+
+    hooks = [("blocks.0.ln1.hook_normalized", double), ("blocks.1.attn.hook_rot_k", ablate_head)]
+    if family == "qwen3":
+        hooks.append(("blocks.2.attn.k_norm.hook_scale", double))
+    with torch.no_grad():
+        ours = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        theirs = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        plain = bridge(tokens)
+    assert max_diff(ours, theirs) <= 1e-5
+    assert max_diff(ours, plain) > 1e-3
