@@ -5,7 +5,8 @@ autograd on the meta device (no memory, no arithmetic): a TL key that depends on
 constant of the conversion (Llama's zero b_Q, a bias HF lacks); a TL key that an absent extra
 leaf would supply says which extra to add when it is written; ``hf_from_tl``'s dependencies say
 which leaves an edit touches and which TL keys computing them needs. Everything here depends on
-shapes only, so it is cached and never branches on a tensor's value.
+shapes only, so it is cached, never branches on a tensor's value, and runs outside
+torch.compile's graph (a graph break, not a retrace).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _leaf_deps(tl: dict, leaves: dict, keys) -> dict[str, frozenset[str]]:
     return deps
 
 
+@torch.compiler.disable  # traced with autograd, eagerly: torch.compile calls it as a constant
 @lru_cache(maxsize=64)
 def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
     """The TL view's structure for params holding the family's leaves plus ``extras``. Extra
@@ -95,6 +97,7 @@ def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
     )
 
 
+@torch.compiler.disable
 @lru_cache(maxsize=64)
 def hf_dependencies(cfg: BridgeConfig, extras: tuple[str, ...]) -> dict[str, frozenset[str]]:
     """HF leaf -> the TL keys ``hf_from_tl`` computes it from."""

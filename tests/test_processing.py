@@ -200,3 +200,16 @@ def test_processed_params_stack_into_an_ensemble():
         batched = torch.func.vmap(lambda p: fb.forward(p, tokens, cfg))(stacked)
         for index, member in enumerate(members):
             assert max_diff(batched[index], member(tokens)) <= 1e-5
+
+
+def test_processing_vmaps_over_an_ensemble():
+    """Pure, with no branch on values: vmap processes K stacked members as K separate calls."""
+    members = [fb.Bridge.from_hf(make_gpt2(seed)) for seed in range(3)]
+    cfg = members[0].cfg
+    stacked = {name: value.detach() for name, value in fb.stack_params([m.params for m in members]).items()}
+    batched = torch.func.vmap(lambda p: fb.process_weights(p, cfg))(stacked)
+    for index, member in enumerate(members):
+        expected = fb.process_weights(member.params, cfg)
+        assert list(batched) == list(expected)
+        for name, value in expected.items():
+            assert torch.equal(batched[name][index], value), name
