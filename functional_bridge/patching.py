@@ -62,17 +62,38 @@ def patch_worlds(
         return vmap(one_world, chunk_size=chunk_size)(dict(masks))
 
 
-def _one_hot_worlds(n_layers: int, n_items: int, layer_shape: Callable[[int], tuple]) -> dict[int, Tensor]:
-    """For world w = (layer l, item i): per layer a bool mask [n_worlds, *layer_shape(i)] that
-    is True only at item i of layer l."""
+def _one_hot_worlds(n_layers: int, n_items: int, item_shape: Callable[[int], tuple]) -> dict[int, Tensor]:
+    """For world w = (layer l, item i): per layer a bool mask [n_worlds, *item_shape(n_items)]
+    that is True only at item i of layer l."""
     n_worlds = n_layers * n_items
     world_layer = torch.arange(n_worlds) // n_items
     world_item = torch.arange(n_worlds) % n_items
     masks = {}
     for layer in range(n_layers):
         one_hot = (world_layer == layer)[:, None] & (world_item[:, None] == torch.arange(n_items))  # [worlds, items]
-        masks[layer] = one_hot.view(n_worlds, *layer_shape(n_items))
+        masks[layer] = one_hot.view(n_worlds, *item_shape(n_items))
     return masks
+
+
+def _layer_item_sweep(
+    params, cfg, clean_tokens, corrupted_tokens, metric, hook: str, n_items: int, item_shape, attention_mask, chunk_size
+) -> Tensor:
+    """[n_layers, n_items]: the clean run with item i of blocks.{l}.{hook} taken from the
+    corrupted run, one world per (l, i), all in one vmapped call."""
+    if corrupted_tokens.shape != clean_tokens.shape:
+        raise ValueError(
+            f"patching needs clean and corrupted tokens of one shape, got "
+            f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}"
+        )
+    names = [f"blocks.{layer}.{hook}" for layer in range(cfg.n_layers)]
+    with torch.no_grad():
+        _, corrupted = run_with_cache(params, corrupted_tokens, cfg, names_filter=names, attention_mask=attention_mask)
+    one_hot = _one_hot_worlds(cfg.n_layers, n_items, item_shape)
+    masks = {name: one_hot[layer].to(clean_tokens.device) for layer, name in enumerate(names)}
+    scores = patch_worlds(
+        params, cfg, clean_tokens, corrupted, masks, metric, attention_mask=attention_mask, chunk_size=chunk_size
+    )
+    return scores.view(cfg.n_layers, n_items)
 
 
 def head_z_patching(
@@ -86,16 +107,11 @@ def head_z_patching(
     chunk_size: int | None = None,
 ) -> Tensor:
     """[n_layers, n_heads]: metric of the clean run with head (l, h)'s hook_z, at every
-    position, taken from the corrupted run."""
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
-    with torch.no_grad():
-        _, corrupted = run_with_cache(params, corrupted_tokens, cfg, names_filter=names, attention_mask=attention_mask)
-    one_hot = _one_hot_worlds(cfg.n_layers, cfg.n_heads, lambda n: (1, 1, n, 1))  # z: [batch, pos, head, d_head]
-    masks = {name: one_hot[layer].to(clean_tokens.device) for layer, name in enumerate(names)}
-    scores = patch_worlds(
-        params, cfg, clean_tokens, corrupted, masks, metric, attention_mask=attention_mask, chunk_size=chunk_size
-    )
-    return scores.view(cfg.n_layers, cfg.n_heads)
+    position, taken from the corrupted run (same shape as the clean run)."""
+    return _layer_item_sweep(
+        params, cfg, clean_tokens, corrupted_tokens, metric, "attn.hook_z", cfg.n_heads,
+        lambda n: (1, 1, n, 1), attention_mask, chunk_size,  # z: [batch, pos, head, d_head]
+    )  # fmt: skip
 
 
 def resid_pre_patching(
@@ -109,22 +125,11 @@ def resid_pre_patching(
     chunk_size: int | None = None,
 ) -> Tensor:
     """[n_layers, pos]: metric of the clean run with blocks.l.hook_resid_pre at position p taken
-    from the corrupted run (same length as the clean run)."""
-    if corrupted_tokens.shape != clean_tokens.shape:
-        raise ValueError(
-            f"position patching needs clean and corrupted tokens of one shape, got "
-            f"{tuple(clean_tokens.shape)} and {tuple(corrupted_tokens.shape)}"
-        )
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)]
-    with torch.no_grad():
-        _, corrupted = run_with_cache(params, corrupted_tokens, cfg, names_filter=names, attention_mask=attention_mask)
-    n_pos = clean_tokens.shape[-1]
-    one_hot = _one_hot_worlds(cfg.n_layers, n_pos, lambda n: (1, n, 1))  # resid: [batch, pos, d_model]
-    masks = {name: one_hot[layer].to(clean_tokens.device) for layer, name in enumerate(names)}
-    scores = patch_worlds(
-        params, cfg, clean_tokens, corrupted, masks, metric, attention_mask=attention_mask, chunk_size=chunk_size
-    )
-    return scores.view(cfg.n_layers, n_pos)
+    from the corrupted run (same shape as the clean run)."""
+    return _layer_item_sweep(
+        params, cfg, clean_tokens, corrupted_tokens, metric, "hook_resid_pre", clean_tokens.shape[-1],
+        lambda n: (1, n, 1), attention_mask, chunk_size,  # resid: [batch, pos, d_model]
+    )  # fmt: skip
 
 
 def _attribution(params, cfg, clean_tokens, corrupted_tokens, metric, names, attention_mask):
