@@ -305,3 +305,18 @@ def test_vmapped_ensemble_equals_each_member(family):
         logits = vmap(fb.forward, in_dims=(0, None, None))(fb.stack_params(members), tokens, cfg)
         for member, params in enumerate(members):
             assert max_diff(logits[member], fb.forward(params, tokens, cfg)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_forward_equals_eager():
+    """fullgraph torch.compile through rotary tables, per-head q/k norms, grouped-query
+    attention and per-layer sliding windows, with left padding."""
+    torch._dynamo.reset()
+    hf = make_family("qwen3", num_hidden_layers=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    params, cfg = _params_cfg(hf)
+    assert cfg.attn_types == ("global", "local") and cfg.n_key_value_heads == 2
+    tokens, mask = _padded([9, 6], "left")
+    compiled = torch.compile(fb.forward, fullgraph=True)
+    with torch.no_grad():
+        eager = fb.forward(params, tokens, cfg, attention_mask=mask)
+        assert max_diff(compiled(params, tokens, cfg, attention_mask=mask), eager) <= 1e-5
