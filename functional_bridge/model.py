@@ -16,7 +16,14 @@ from torch import Tensor
 
 from .architectures import family_for
 from .architectures.family import EmbedWeights, LayerWeights
-from .components.attention import AttentionMask, attend, attention_output, build_attention_mask, project_qkv
+from .components.attention import (
+    AttentionMask,
+    attend,
+    attention_output,
+    build_attention_mask,
+    inside_functorch_transform,
+    project_qkv,
+)
 from .components.embed import embed_tokens, learned_positions, position_ids
 from .components.linear import affine
 from .components.mlp import mlp
@@ -139,10 +146,11 @@ def transformer(
     resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
     rotary = rotary_tables(positions, cfg, resid.dtype) if cfg.positional_embedding_type == "rotary" else None
     masks = {}  # one mask per distinct window span, shared by the layers that use it
+    in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
     for layer in range(cfg.n_layers):
         window = cfg.layer_window(layer)
         if window not in masks:
-            masks[window] = build_attention_mask(seq, attention_mask, tokens.device, window)
+            masks[window] = build_attention_mask(seq, attention_mask, tokens.device, window, in_transform)
         resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary)
     final = family.unembed_weights(params, cfg)
     x = apply_norm(resid, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")

@@ -41,10 +41,15 @@ class AttentionMask(NamedTuple):
     allowed: Tensor  # [batch or 1, 1, query_pos, key_pos] bool: causal (and window) and not padding
     has_key: Tensor | None  # [batch, 1, query_pos, 1] bool; None when every query has a key
     is_plain_causal: bool  # no padding and no window: SDPA's is_causal=True suffices
+    in_transform: bool = False  # the forward's inputs are vmapped: use the explicit path
 
 
 def build_attention_mask(
-    query_len: int, key_mask: Tensor | None, device: torch.device, window: int | None = None
+    query_len: int,
+    key_mask: Tensor | None,
+    device: torch.device,
+    window: int | None = None,
+    in_transform: bool = False,
 ) -> AttentionMask:
     """key_mask: [batch, key_pos], True/1 at real tokens (None: no padding). A window no shorter
     than the sequence masks nothing, so it is dropped (keeping SDPA's is_causal path)."""
@@ -56,9 +61,9 @@ def build_attention_mask(
         allowed = allowed & (positions[None, :] > positions[:, None] - window)
     allowed = allowed[None, None]
     if key_mask is None:
-        return AttentionMask(allowed, None, window is None)
+        return AttentionMask(allowed, None, window is None, in_transform)
     allowed = allowed & key_mask.bool()[:, None, None, :]
-    return AttentionMask(allowed, allowed.any(-1, keepdim=True), False)
+    return AttentionMask(allowed, allowed.any(-1, keepdim=True), False, in_transform)
 
 
 def project_qkv(x: Tensor, weights: AttentionWeights, n_heads: int, n_kv_heads: int, d_head: int):
@@ -76,9 +81,12 @@ def project_qkv(x: Tensor, weights: AttentionWeights, n_heads: int, n_kv_heads: 
     return q.view(*lead, n_heads, d_head), k.view(*lead, n_kv_heads, d_head), v.view(*lead, n_kv_heads, d_head)
 
 
-def _inside_functorch_transform(x: Tensor) -> bool:
+def inside_functorch_transform(*tensors: Tensor | None) -> bool:
+    """Whether vmap/grad/jvp is active. Exact in eager mode. Under torch.compile, dynamo cannot
+    trace the interpreter stack, so this sees only tensors that are themselves vmap-batched:
+    pass every input that may be (the forward passes its tokens and mask, attend its queries)."""
     if torch.compiler.is_compiling():
-        return torch._C._functorch.is_batchedtensor(x)
+        return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
     return torch._C._functorch.maybe_current_level() is not None
 
 
@@ -93,7 +101,7 @@ def attend(
 ) -> Tensor:
     """q: [batch, q_pos, n_heads, d_head], k, v: [batch, k_pos, n_kv_heads, d_head] -> z like q."""
     explicit = hooks.wants(names.attn_scores) or hooks.wants(names.pattern)
-    if explicit or _inside_functorch_transform(q):
+    if explicit or mask.in_transform or inside_functorch_transform(q):
         z = _explicit_attention(q, k, v, mask, attn_scale, hooks, names)
     else:
         z = _sdpa_attention(q, k, v, mask, attn_scale)
