@@ -14,6 +14,8 @@ from .runner import Row, SuiteResult
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if value == 0:
+        return "0"
     if unit in ("", "bytes") and float(value).is_integer():
         return f"{int(value):,}"
     magnitude = abs(value)

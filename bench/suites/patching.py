@@ -44,7 +44,7 @@ def run(ctx) -> None:
                     z[:, :, head] = source[hook.name][:, :, head]
                     return z
 
-                scores[layer, head] = metric(fb.run_with_hooks(params, clean, cfg, fwd_hooks=[(name, patch)]))
+                scores[layer, head] = metric(fb.run_with_hooks(params, clean, cfg, fwd_hooks=[(name, patch)])).item()
         return scores
 
     with torch.inference_mode():
@@ -55,4 +55,4 @@ def run(ctx) -> None:
     ctx.time_row(case, m, "vmap", "head_z_patching (vmap)")
     ctx.time_row(case, m, "loop", "loop of run_with_hooks")
     ctx.ratio_row(case, m, "loop", "vmap", "speed-up: loop / head_z_patching", targets.PATCHING_GPU if ctx.cuda else None, shape)
-    ctx.note("The loop's scores[layer, head] = metric(...) copies a scalar to the host per world (as a user's loop would).")
+    ctx.note("The loop reads each world's metric with .item() (a host copy per world, as a user's loop would).")
