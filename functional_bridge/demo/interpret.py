@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..analysis import FactoredMatrix, all_composition_scores
+from ..analysis import FactoredMatrix, all_composition_scores, composition_scores
 from ..bridge import Bridge
 from ..func import per_example_grads
 from ..weights import tl_weights
@@ -72,6 +72,20 @@ def k_composition(bridge: Bridge) -> Tensor:
     """[n_layers, n_heads, n_layers, n_heads]: how much each head's output feeds each later
     head's keys."""
     return all_composition_scores(bridge.params, bridge.cfg, "K").float()
+
+
+@torch.no_grad()
+def random_k_composition(bridge: Bridge, seed: int, samples: int = 64) -> float:
+    """The K-composition score of Gaussian weights of the same shapes: what composition scores
+    read when nothing composes (they are not zero for random matrices)."""
+    cfg, generator = bridge.cfg, torch.Generator().manual_seed(seed)
+
+    def gaussian(*shape):
+        return torch.randn(samples, *shape, generator=generator)
+
+    ov = FactoredMatrix(gaussian(cfg.d_model, cfg.d_head), gaussian(cfg.d_head, cfg.d_model))
+    qk_t = FactoredMatrix(gaussian(cfg.d_model, cfg.d_head), gaussian(cfg.d_head, cfg.d_model))
+    return composition_scores(ov, qk_t, broadcast_dims=False).mean().item()
 
 
 def zero_heads_hook(heads: list[tuple[int, int]]):
@@ -140,7 +154,7 @@ def interpret(bridge: Bridge, settings: EvalSettings) -> dict:
             f"{p[0]}.{p[1]}->{i[0]}.{i[1]}": k_comp[p[0], p[1], i[0], i[1]].item()
             for p in previous_heads for i in induction_heads if p[0] < i[0]
         }  # fmt: skip
-        figures["k_composition_baseline"] = k_comp[0, :, 1:].mean().item() if n_layers > 1 else None
+        figures["k_composition_random_baseline"] = random_k_composition(bridge, settings.seed)
         ablation = zero_heads_hook(previous_heads)
         ablated = torch.stack(
             [pattern_scores(bridge, h, settings.n_seqs, settings.seed + h, ablation)["induction"] for h in settings.unseen_lengths]

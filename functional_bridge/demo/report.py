@@ -44,8 +44,14 @@ def report_lines(figures: dict) -> list[str]:
         f"loss on the first half {figures['loss_first_half']:.2f} (chance {figures['loss_chance']:.2f}), "
         f"on the repeated half {figures['loss_repeated_half']:.2f}"
     )
-    for pair, score in figures.get("k_composition", {}).items():
-        lines.append(f"K-composition {pair}: {score:.2f} (mean over layer-0 -> layer-1 pairs {figures['k_composition_baseline']:.2f})")
+    k_comp = figures.get("k_composition")
+    if k_comp:
+        best = max(k_comp, key=k_comp.get)
+        lines.append(
+            f"K-composition, previous-token -> induction heads: mean {sum(k_comp.values()) / len(k_comp):.2f}, "
+            f"highest {best} {k_comp[best]:.2f} (Gaussian weights of the same shapes: "
+            f"{figures['k_composition_random_baseline']:.2f})"
+        )
     ablation = figures.get("ablation")
     if ablation:
         zeroed = ", ".join(_head(h) for h in ablation["zeroed_heads"])
