@@ -22,6 +22,7 @@ import torch
 
 from . import OMP_POLICY_SOURCE, suites
 from .models import SIZES
+from .report import write
 from .runner import DTYPES, Context, Settings, run_suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,11 +122,9 @@ def main(argv=None) -> dict:
         for row in result.rows:
             if row.target:
                 print(f"         {row.case:>14} {row.measure}: {row.value} {row.unit} target {row.target} met={row.met}", flush=True)
-    if hasattr(os, "getloadavg"):
-        info["load average at end (1, 5, 15 min)"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    from .report import write
-
-    paths = write(out, info, results)
+        if hasattr(os, "getloadavg"):
+            info["load average at end (1, 5, 15 min)"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        paths = write(out, info, results)  # after every suite: a run cut short still leaves its results
     print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}", flush=True)
     return {"paths": paths, "results": results, "meta": info}
 
