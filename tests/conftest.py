@@ -24,8 +24,19 @@ def transformer_lens():
     return transformer_lens
 
 
+# FB_CUDA_TESTS_DEVICE=cpu runs the cuda-marked tests on the CPU: a dry run of their code on a
+# machine without a GPU (they assert the same things; only the device differs).
+CUDA_TESTS_DEVICE = os.environ.get("FB_CUDA_TESTS_DEVICE", "cuda")
+
+
+@pytest.fixture
+def device():
+    """The device cuda-marked tests run on."""
+    return torch.device(CUDA_TESTS_DEVICE)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or CUDA_TESTS_DEVICE != "cuda":
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
