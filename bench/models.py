@@ -154,13 +154,3 @@ class Models:
 
             self._anchors[dtype] = hooked_transformer(self.hf(dtype))
         return self._anchors[dtype]
-
-    def release(self, keep: torch.dtype | None = None) -> None:
-        """Drop every model except those of dtype `keep` (memory between suites)."""
-        for table in (self._hf, self._bridges, self._anchors):
-            for key in [k for k in table if k != keep]:
-                del table[key]
-        for key in [k for k in self._twins if k[0] != keep]:
-            del self._twins[key]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -102,7 +102,8 @@ class Context:
 
     # recording --------------------------------------------------------------------------------
 
-    def _targeted(self, row: Row, target: Target | None, shape: Shape | None) -> Row:
+    def judge(self, row: Row, target: Target | None, shape: Shape | None) -> Row:
+        """Attach a target to a row, and decide met/missed where the target applies."""
         if target is None:
             return row
         row.target = target.text() + (f"; {target.why}" if target.why else "")
@@ -123,7 +124,7 @@ class Context:
     ) -> Row:  # fmt: skip
         st = m.ratio(numerator, denominator)
         row = Row(case, label, "x", st.median, st.q1, st.q3, st.min, st.max, st.n, note=note)
-        return self.add(self._targeted(row, target, shape))
+        return self.add(self.judge(row, target, shape))
 
     def value_row(
         self, case: str, label: str, value: float | None, unit: str, target: Target | None = None,
@@ -132,7 +133,7 @@ class Context:
         row = Row(case, label, unit, value, note=note)
         if stats is not None:
             row.q1, row.q3, row.min, row.max, row.n = stats.q1, stats.q3, stats.min, stats.max, stats.n
-        return self.add(self._targeted(row, target, shape))
+        return self.add(self.judge(row, target, shape))
 
     def add(self, row: Row) -> Row:
         self.current.rows.append(row)

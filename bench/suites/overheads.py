@@ -27,7 +27,7 @@ def run(ctx) -> None:
     case = ctx.settings.size
     m = ctx.measure(case, {"from_hf": lambda: fb.Bridge.from_hf(hf), "tl_parameters": bridge.tl_parameters})
     row = ctx.time_row(case, m, "from_hf", "Bridge.from_hf")
-    ctx._targeted(row, targets.FROM_HF_MS, None)
+    ctx.judge(row, targets.FROM_HF_MS, None)
     ctx.time_row(case, m, "tl_parameters", "tl_parameters()")
     if ctx.settings.anchors:
         ctx.attempt("HookedTransformer build", lambda: _anchor_build(ctx, hf, m))
