@@ -11,6 +11,7 @@ torch.compile's graph (a graph break, not a retrace).
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -61,7 +62,21 @@ def _leaf_deps(tl: dict, leaves: dict, keys) -> dict[str, frozenset[str]]:
     return deps
 
 
-@torch.compiler.disable  # traced with autograd, eagerly: torch.compile calls it as a constant
+def _eager_only(fn):
+    """Run fn outside torch.compile's graph (it traces with autograd on meta tensors; compile
+    calls it as a constant). torch.compiler.disable is applied at call time, only while
+    compiling: decorating at import would import torch._dynamo (~1 s) for everyone."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@_eager_only
 @lru_cache(maxsize=64)
 def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
     """The TL view's structure for params holding the family's leaves plus ``extras``. Extra
@@ -97,7 +112,7 @@ def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
     )
 
 
-@torch.compiler.disable
+@_eager_only
 @lru_cache(maxsize=64)
 def hf_dependencies(cfg: BridgeConfig, extras: tuple[str, ...]) -> dict[str, frozenset[str]]:
     """HF leaf -> the TL keys ``hf_from_tl`` computes it from."""

@@ -4,12 +4,13 @@
 d_head] (qkv_layout "head_qkv"); TL's W_Q/W_K/W_V are per-head views of it. The blocks are
 parallel (attention and MLP both read resid_pre, each through its own LayerNorm) unless
 use_parallel_residual=False. transformers >= 5.14 names the unembedding ``lm_head``, earlier
-versions ``embed_out``; the installed class says which.
+versions ``embed_out``; the installed version says which.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Collection, Mapping
 
 import einops
@@ -27,8 +28,10 @@ from .rope import rope_fields
 
 ARCHITECTURE = "GPTNeoXForCausalLM"
 EMBED, FINAL = "gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm"
-_tied = getattr(transformers.GPTNeoXForCausalLM, "_tied_weights_keys", None) or ["lm_head.weight"]
-HEAD = next(iter(_tied))  # "lm_head.weight" (transformers >= 5.14) or "embed_out.weight"
+# HF renamed GPT-NeoX's unembedding in transformers 5.14. Read off the version: asking the model
+# class would import its modeling code (2 s) whenever functional_bridge is imported.
+_TRANSFORMERS_VERSION = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+HEAD = "lm_head.weight" if _TRANSFORMERS_VERSION >= (5, 14) else "embed_out.weight"
 
 
 def config_from_hf(hf) -> BridgeConfig:
