@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from . import OMP_POLICY_SOURCE, suites
+from . import OMP_POLICY_SOURCE, allocator, suites
 from .models import SIZES
 from .report import write
 from .runner import DTYPES, Context, Settings, run_suite
@@ -30,7 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse(argv=None) -> tuple[Settings, Path]:
     parser = argparse.ArgumentParser(prog="python -m bench", description="functional_bridge benchmarks: ratios against HF in one process")
-    parser.add_argument("--suite", action="append", choices=suites.NAMES + ["all"], help="repeatable; default: all")
+    parser.add_argument("--suite", action="extend", nargs="+", choices=suites.NAMES + ["all"], metavar="NAME",
+                        help=f"suites to run (default: all): {', '.join(suites.NAMES)}")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--size", default="small", choices=list(SIZES))
@@ -43,6 +44,8 @@ def parse(argv=None) -> tuple[Settings, Path]:
     parser.add_argument("--shape", action="append", default=[], help="BxS, repeatable: override the forward/cache/compile shapes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile suite")
+    parser.add_argument("--malloc", default="retain", choices=allocator.MODES,
+                        help="glibc malloc: retain freed memory (default) or glibc's defaults; see bench/allocator.py")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
@@ -52,7 +55,7 @@ def parse(argv=None) -> tuple[Settings, Path]:
         suites=names, device=args.device, dtype=args.dtype, size=args.size, anchors=args.anchors,
         repeats=args.repeats or (3 if args.quick else 10), warmup=args.warmup or (1 if args.quick else 2),
         quick=args.quick, threads=args.threads or os.cpu_count() or 1, shapes=shapes, seed=args.seed,
-        compile_mode=args.compile_mode,
+        compile_mode=args.compile_mode, malloc=args.malloc,
     )  # fmt: skip
     out = args.out or RESULTS / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return settings, out
@@ -92,6 +95,7 @@ def meta(settings: Settings, argv) -> dict:
         "transformer_lens": tl_version() or "not installed",
         "torch threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} ({OMP_POLICY_SOURCE})",
+        "malloc": settings.malloc_effect,
         "device": torch.cuda.get_device_name() if settings.device == "cuda" else "cpu",
         "dtype": settings.dtype,
         "size": f"{settings.size} ({', '.join(f'{k}={v}' for k, v in SIZES[settings.size].items())})",
@@ -106,6 +110,7 @@ def meta(settings: Settings, argv) -> dict:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     settings, out = parse(argv)
+    settings.malloc_effect = allocator.apply(settings.malloc)
     torch.set_num_threads(settings.threads)
     import transformers
 

@@ -42,7 +42,9 @@ class Plan:
 def plan_for(size: str, device: str, shapes: tuple[Shape, ...] | None = None) -> Plan:
     cuda = torch.device(device).type == "cuda"
     if size == "tiny":
-        plan = Plan(shapes=((1, 16), (4, 16)), grads=(8, 16), ensemble=(1, 16), patching=(1, 16),
+        # per-example gradients at a research batch (32 rows): where vmap's one pass over the
+        # batch pays, as the per-op overhead of a small model dominates a loop
+        plan = Plan(shapes=((1, 16), (4, 16)), grads=(32, 32), ensemble=(1, 16), patching=(1, 16),
                     optimizer=(4, 16), parity=(4, 16))  # fmt: skip
     elif cuda:
         plan = Plan(shapes=((8, 512),), grads=(32, 128), ensemble=(8, 128), patching=(1, 128),

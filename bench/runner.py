@@ -36,6 +36,8 @@ class Settings:
     seed: int = 0
     compile_mode: str = "default"
     min_sample_s: float = 0.02
+    malloc: str = "retain"  # bench/allocator.py
+    malloc_effect: str = ""  # what applying it did, for the report
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .components.precision import upcast
+from .architectures import family_for
 from .config import BridgeConfig
 from .hooks import select_names
 from .model import check_inputs, forward, run_with_cache
@@ -51,17 +52,32 @@ def per_example_grads(
 
     loss_fn(logits [1, pos, vocab], tokens [1, pos], attention_mask [1, pos] or None) -> scalar;
     the default is next_token_loss over real tokens. Rows may be padded (left or right) to
-    different lengths. chunk_size bounds how many examples vmap holds at once."""
+    different lengths. chunk_size bounds how many examples vmap holds at once.
+
+    The token embedding's gradient is taken with respect to the looked-up rows ([pos, d_model]
+    per example) and scattered into its leaf: vmap would otherwise build a dense
+    [batch, d_vocab, d_model] gradient for the lookup and, with a tied unembedding, add it to a
+    second one (measured: 44% of the time on GPT-2 small)."""
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
     loss_fn = loss_fn or next_token_loss
+    params = detached(params)
+    W_E = family_for(cfg).embed_weights(params, cfg).W_E  # [d_vocab, d_model]
+    embed_name = next(name for name, value in params.items() if value is W_E)
 
-    def example_loss(p: Params, row: Tensor, row_mask: Tensor | None) -> Tensor:
+    def example_loss(p: Params, rows: Tensor, row: Tensor, row_mask: Tensor | None) -> Tensor:
         row, row_mask = row[None], None if row_mask is None else row_mask[None]
-        return loss_fn(forward(p, row, cfg, attention_mask=row_mask), row, row_mask)
+        embed = [("hook_embed", lambda x, hook: rows[None])]  # rows: [pos, d_model]
+        return loss_fn(forward(p, row, cfg, attention_mask=row_mask, hooks=embed), row, row_mask)
 
     mask_dim = None if attention_mask is None else 0
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, mask_dim), chunk_size=chunk_size)
-    return per_example(detached(params), tokens, attention_mask)
+    per_example = vmap(grad(example_loss, argnums=(0, 1)), in_dims=(None, 0, 0, mask_dim), chunk_size=chunk_size)
+    grads, row_grads = per_example(params, W_E[tokens], tokens, attention_mask)  # row_grads: [batch, pos, d_model]
+    batch, vocab = tokens.shape[0], W_E.shape[0]
+    flat_ids = (tokens + vocab * torch.arange(batch, device=tokens.device)[:, None]).flatten()
+    embed_grad = grads[embed_name].contiguous()  # an untied W_E's own gradient is expanded zeros
+    embed_grad.view(batch * vocab, -1).index_add_(0, flat_ids, row_grads.flatten(0, 1).to(W_E.dtype))
+    grads[embed_name] = embed_grad
+    return grads
 
 
 def activation_grads(

@@ -57,6 +57,22 @@ def test_next_token_loss_counts_only_real_pairs():
     assert max_diff(fb.next_token_loss(logits, tokens, mask), torch.stack(terms).mean()) <= 1e-6
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_per_example_grads_scatter_the_embedding_gradient(tied):
+    """The embedding's gradient (taken on the looked-up rows and scattered) equals autograd's,
+    with the unembedding tied to it or not."""
+    hf = make_gpt2(tie_word_embeddings=tied)
+    params, cfg = {k: v.detach() for k, v in hf.named_parameters()}, fb.config_from_hf(hf.config)
+    tokens = torch.tensor([[3, 5, 3, 9, 3, 1], [7, 7, 2, 5, 0, 4]])  # repeated ids accumulate
+    grads = fb.per_example_grads(params, cfg, tokens)
+    for row in range(2):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        loss = fb.next_token_loss(fb.forward(p, tokens[row], cfg), tokens[row][None])
+        expected = torch.autograd.grad(loss, list(p.values()))
+        for (name, _), value in zip(p.items(), expected):
+            assert max_diff(grads[name][row], value) <= 1e-6, name
+
+
 def test_per_example_grads_custom_loss(model):
     params, cfg = model
     tokens = random_tokens(3, 6, cfg.d_vocab)

@@ -42,6 +42,8 @@ class AttentionMask(NamedTuple):
     has_key: Tensor | None  # [batch, 1, query_pos, 1] bool; None when every query has a key
     is_plain_causal: bool  # no padding and no window: SDPA's is_causal=True suffices
     in_transform: bool = False  # the forward's inputs are vmapped: use the explicit path
+    causal: Tensor | None = None  # [query_pos, key_pos] bool: causal (and window) alone
+    keys: Tensor | None = None  # [batch, 1, 1, key_pos] bool: real tokens; None without padding
 
 
 def build_attention_mask(
@@ -56,14 +58,14 @@ def build_attention_mask(
     if window is not None and window >= query_len:
         window = None
     positions = torch.arange(query_len, device=device)
-    allowed = positions[None, :] <= positions[:, None]  # [query_pos, key_pos]
+    causal = positions[None, :] <= positions[:, None]  # [query_pos, key_pos]
     if window is not None:
-        allowed = allowed & (positions[None, :] > positions[:, None] - window)
-    allowed = allowed[None, None]
+        causal = causal & (positions[None, :] > positions[:, None] - window)
     if key_mask is None:
-        return AttentionMask(allowed, None, window is None, in_transform)
-    allowed = allowed & key_mask.bool()[:, None, None, :]
-    return AttentionMask(allowed, allowed.any(-1, keepdim=True), False, in_transform)
+        return AttentionMask(causal[None, None], None, window is None, in_transform, causal, None)
+    keys = key_mask.bool()[:, None, None, :]
+    allowed = causal[None, None] & keys
+    return AttentionMask(allowed, allowed.any(-1, keepdim=True), False, in_transform, causal, keys)
 
 
 def project_qkv(x: Tensor, weights: AttentionWeights, n_heads: int, n_kv_heads: int, d_head: int):
@@ -122,22 +124,28 @@ def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
 
 
 def _explicit_attention(q, k, v, mask: AttentionMask, attn_scale, hooks: HookSet, names: LayerHookNames):
-    group = q.shape[-2] // k.shape[-2]
-    if group > 1:  # grouped-query attention: each key/value head serves `group` query heads
-        k = k.repeat_interleave(group, dim=-2)
-        v = v.repeat_interleave(group, dim=-2)
-    q32 = upcast(q.transpose(1, 2))  # [batch, head, q_pos, d_head]
-    k32 = upcast(k.transpose(1, 2))  # [batch, head, k_pos, d_head]
-    scores = (q32 @ k32.transpose(-1, -2)) / attn_scale  # [batch, head, q_pos, k_pos]
-    scores = scores.masked_fill(~mask.allowed, float("-inf"))
+    """Scores, pattern and z as HookedTransformer computes them, with the scale and the causal
+    mask folded into one baddbmm. Grouped-query heads share their key/value head without copies:
+    the `group` query heads of one key/value head are stacked along the query positions."""
+    batch, q_len, n_heads, d_head = q.shape
+    n_kv, k_len = k.shape[-2], k.shape[1]
+    group = n_heads // n_kv
+    q3 = upcast(q).transpose(1, 2).reshape(batch * n_kv, group * q_len, d_head)  # [batch*kv, group*q_pos, d_head]
+    k3 = upcast(k).permute(0, 2, 3, 1).reshape(batch * n_kv, d_head, k_len)  # [batch*kv, d_head, k_pos]
+    causal = torch.zeros(mask.causal.shape, dtype=q3.dtype, device=q3.device).masked_fill(~mask.causal, float("-inf"))
+    scores = torch.baddbmm(causal.repeat(group, 1), q3, k3, alpha=1.0 / attn_scale)
+    scores = scores.view(batch, n_heads, q_len, k_len)  # [batch, head, q_pos, k_pos]
+    if mask.keys is not None:
+        scores = scores.masked_fill(~mask.keys, float("-inf"))
     scores = hooks(names.attn_scores, scores)
     if mask.has_key is None:
         pattern = scores.softmax(-1)
     else:  # softmax of an all -inf row is NaN: give such rows finite scores, then zero them
         pattern = scores.masked_fill(~mask.has_key, 0.0).softmax(-1).masked_fill(~mask.has_key, 0.0)
     pattern = hooks(names.pattern, pattern.to(v.dtype))
-    z = pattern @ v.transpose(1, 2)  # [batch, head, q_pos, d_head]
-    return z.transpose(1, 2)
+    v3 = v.transpose(1, 2).reshape(batch * n_kv, k_len, d_head)  # [batch*kv, k_pos, d_head]
+    z = torch.bmm(pattern.reshape(batch * n_kv, group * q_len, k_len), v3)  # [batch*kv, group*q_pos, d_head]
+    return z.view(batch, n_heads, q_len, d_head).transpose(1, 2)
 
 
 def attention_output(z: Tensor, o: Affine) -> Tensor:
