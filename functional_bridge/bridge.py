@@ -22,7 +22,7 @@ from .config import BridgeConfig
 from .hf_io import build_hf_model, hf_params, load_hf_model
 from .hooks import hook_names
 from .model import forward, run_with_cache, run_with_hooks
-from .params import Params, ParamsStructureError, check_params, params_device, params_dtype
+from .params import ParamsStructureError, check_params, params_device, params_dtype
 from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weights
 
 

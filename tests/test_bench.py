@@ -94,8 +94,8 @@ def test_targets_are_stated_and_judged(fast_run):
 def test_parity_figures_are_sane(fast_run):
     _, data, _ = fast_run
     parity = rows(data, "parity")
-    for measure in ("fp32: ours vs HF eager", "fp32: ours vs HF sdpa", "fp32: ours left-padded vs each row alone"):
-        assert 0 <= parity[measure]["value"] <= 1e-4, measure
+    for name in ("fp32: ours vs HF eager", "fp32: ours vs HF sdpa", "fp32: ours left-padded vs each row alone"):
+        assert 0 <= parity[name]["value"] <= 1e-4, name
     assert parity["max |logit| (scale, fp32)"]["value"] > 1e-3
     for low in ("bf16", "fp16"):
         error = parity[f"{low}: ours vs ours fp32"]["value"]

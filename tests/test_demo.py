@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 import functional_bridge as fb
 from functional_bridge.__main__ import main
 from functional_bridge.demo import train as train_module
-from functional_bridge.demo.interpret import EvalSettings, half_losses, pattern_scores
+from functional_bridge.demo.interpret import EvalSettings, pattern_scores
 from functional_bridge.demo.run import DemoSettings, run_demo
 from functional_bridge.demo.train import TrainSettings
 

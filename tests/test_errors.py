@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2Model, LlamaConfig
+from transformers import GPT2Model, LlamaConfig
 
 import functional_bridge as fb
 from helpers import gpt2_config, make_gpt2, random_tokens

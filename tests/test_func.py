@@ -1,6 +1,5 @@
 """torch.func workflows against plain Python loops and torch.autograd (the oracles)."""
 
-import copy
 
 import pytest
 import torch

@@ -18,8 +18,8 @@ from torch import Tensor
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
-from ..components.norms import Norm
 from ..config import BridgeConfig
+from .leaves import conv1d, layer_norm, tied_aliases, unembedding
 from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -91,18 +91,6 @@ def extra_param_shapes(cfg: BridgeConfig) -> Shapes:
     return extra
 
 
-def tied_aliases(cfg: BridgeConfig) -> dict[str, str]:
-    return {"lm_head.weight": "transformer.wte.weight"} if cfg.tie_word_embeddings else {}
-
-
-def _conv(params: Params, name: str) -> Affine:
-    return Affine(params[name + ".weight"], params[name + ".bias"], in_out=True)
-
-
-def _ln(params: Params, name: str) -> Norm:
-    return Norm(params[name + ".weight"], params[name + ".bias"], "LN")
-
-
 def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
     return EmbedWeights(params["transformer.wte.weight"], params["transformer.wpe.weight"])
 
@@ -110,20 +98,20 @@ def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
 def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights:
     p = _block(layer)
     attn = AttentionWeights(
-        qkv=_conv(params, p + "attn.c_attn"), q=None, k=None, v=None, o=_conv(params, p + "attn.c_proj")
+        qkv=conv1d(params, p + "attn.c_attn"), q=None, k=None, v=None, o=conv1d(params, p + "attn.c_proj")
     )
-    mlp = MLPWeights(w_in=_conv(params, p + "mlp.c_fc"), w_gate=None, w_out=_conv(params, p + "mlp.c_proj"))
-    return LayerWeights(_ln(params, p + "ln_1"), attn, _ln(params, p + "ln_2"), mlp)
+    mlp = MLPWeights(w_in=conv1d(params, p + "mlp.c_fc"), w_gate=None, w_out=conv1d(params, p + "mlp.c_proj"))
+    return LayerWeights(layer_norm(params, p + "ln_1"), attn, layer_norm(params, p + "ln_2"), mlp)
 
 
 def _unembedding(params: Params) -> "tuple":
-    W_U = params.get("lm_head.weight", params["transformer.wte.weight"])  # [d_vocab_out, d_model]
+    W_U = unembedding(params, "lm_head.weight", "transformer.wte.weight")  # [d_vocab_out, d_model]
     return W_U, params.get("unembed.b_U")
 
 
 def unembed_weights(params: Params, cfg: BridgeConfig) -> UnembedWeights:
     W_U, b_U = _unembedding(params)
-    return UnembedWeights(_ln(params, "transformer.ln_f"), Affine(W_U, b_U, in_out=False))
+    return UnembedWeights(layer_norm(params, "transformer.ln_f"), Affine(W_U, b_U, in_out=False))
 
 
 def tl_weights(params: Params, cfg: BridgeConfig) -> dict:
@@ -200,7 +188,7 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     param_shapes=param_shapes,
     extra_param_shapes=extra_param_shapes,
-    tied_aliases=tied_aliases,
+    tied_aliases=tied_aliases("lm_head.weight", "transformer.wte.weight"),
     embed_weights=embed_weights,
     layer_weights=layer_weights,
     unembed_weights=unembed_weights,

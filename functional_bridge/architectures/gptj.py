@@ -18,8 +18,8 @@ from torch import Tensor
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
-from ..components.norms import Norm
 from ..config import BridgeConfig
+from .leaves import layer_norm, linear, tied_aliases, unembedding
 from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
 
 ARCHITECTURE = "GPTJForCausalLM"
@@ -94,18 +94,6 @@ def extra_param_shapes(cfg: BridgeConfig) -> Shapes:
     return extra
 
 
-def tied_aliases(cfg: BridgeConfig) -> dict[str, str]:
-    return {HEAD: EMBED} if cfg.tie_word_embeddings else {}
-
-
-def _linear(params: Params, name: str) -> Affine:
-    return Affine(params[name + ".weight"], params.get(name + ".bias"), in_out=False)
-
-
-def _ln(params: Params, name: str) -> Norm:
-    return Norm(params[name + ".weight"], params[name + ".bias"], "LN")
-
-
 def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
     return EmbedWeights(params[EMBED], None)
 
@@ -114,16 +102,16 @@ def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights
     p = _block(layer)
     a = p + "attn."
     attn = AttentionWeights(
-        qkv=None, q=_linear(params, a + "q_proj"), k=_linear(params, a + "k_proj"), v=_linear(params, a + "v_proj"),
-        o=_linear(params, a + "out_proj"),
+        qkv=None, q=linear(params, a + "q_proj"), k=linear(params, a + "k_proj"), v=linear(params, a + "v_proj"),
+        o=linear(params, a + "out_proj"),
     )  # fmt: skip
-    mlp = MLPWeights(w_in=_linear(params, p + "mlp.fc_in"), w_gate=None, w_out=_linear(params, p + "mlp.fc_out"))
-    return LayerWeights(_ln(params, p + "ln_1"), attn, None, mlp)
+    mlp = MLPWeights(w_in=linear(params, p + "mlp.fc_in"), w_gate=None, w_out=linear(params, p + "mlp.fc_out"))
+    return LayerWeights(layer_norm(params, p + "ln_1"), attn, None, mlp)
 
 
 def unembed_weights(params: Params, cfg: BridgeConfig) -> UnembedWeights:
-    W_U = params.get(HEAD, params[EMBED])  # [d_vocab_out, d_model]
-    return UnembedWeights(_ln(params, "transformer.ln_f"), Affine(W_U, params["lm_head.bias"], in_out=False))
+    W_U = unembedding(params, HEAD, EMBED)  # [d_vocab_out, d_model]
+    return UnembedWeights(layer_norm(params, "transformer.ln_f"), Affine(W_U, params["lm_head.bias"], in_out=False))
 
 
 def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
@@ -151,7 +139,7 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
         tl[t + "mlp.b_out"] = params[p + "mlp.fc_out.bias"]
     tl["ln_final.w"] = params["transformer.ln_f.weight"]
     tl["ln_final.b"] = params["transformer.ln_f.bias"]
-    tl["unembed.W_U"] = params.get(HEAD, W_E).T
+    tl["unembed.W_U"] = unembedding(params, HEAD, EMBED).T
     tl["unembed.b_U"] = params["lm_head.bias"]
     return tl
 
@@ -202,7 +190,7 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     param_shapes=param_shapes,
     extra_param_shapes=extra_param_shapes,
-    tied_aliases=tied_aliases,
+    tied_aliases=tied_aliases(HEAD, EMBED),
     embed_weights=embed_weights,
     layer_weights=layer_weights,
     unembed_weights=unembed_weights,

@@ -21,8 +21,8 @@ from torch import Tensor
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
-from ..components.norms import Norm
 from ..config import BridgeConfig
+from .leaves import linear, rms_norm, tied_aliases, unembedding
 from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
 from .rope import rope_fields
 
@@ -164,39 +164,27 @@ def extra_param_shapes(cfg: BridgeConfig) -> Shapes:
     return extra
 
 
-def tied_aliases(cfg: BridgeConfig) -> dict[str, str]:
-    return {LM_HEAD: EMBED} if cfg.tie_word_embeddings else {}
-
-
-def _linear(params: Params, name: str) -> Affine:
-    return Affine(params[name + ".weight"], params.get(name + ".bias"), in_out=False)
-
-
-def _rms(params: Params, name: str) -> Norm:
-    return Norm(params[name], None, "RMS")
-
-
 def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
     return EmbedWeights(params[EMBED], None)
 
 
 def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights:
     p = _block(layer) + "self_attn."
-    q_norm = _rms(params, p + "q_norm.weight") if cfg.use_qk_norm else None
-    k_norm = _rms(params, p + "k_norm.weight") if cfg.use_qk_norm else None
+    q_norm = rms_norm(params, p + "q_norm.weight") if cfg.use_qk_norm else None
+    k_norm = rms_norm(params, p + "k_norm.weight") if cfg.use_qk_norm else None
     attn = AttentionWeights(
-        qkv=None, q=_linear(params, p + "q_proj"), k=_linear(params, p + "k_proj"), v=_linear(params, p + "v_proj"),
-        o=_linear(params, p + "o_proj"), q_norm=q_norm, k_norm=k_norm,
+        qkv=None, q=linear(params, p + "q_proj"), k=linear(params, p + "k_proj"), v=linear(params, p + "v_proj"),
+        o=linear(params, p + "o_proj"), q_norm=q_norm, k_norm=k_norm,
     )  # fmt: skip
     m = _block(layer) + "mlp."
-    mlp = MLPWeights(w_in=_linear(params, m + "up_proj"), w_gate=_linear(params, m + "gate_proj"), w_out=_linear(params, m + "down_proj"))
-    ln1 = _rms(params, _block(layer) + "input_layernorm.weight")
-    return LayerWeights(ln1, attn, _rms(params, _block(layer) + "post_attention_layernorm.weight"), mlp)
+    mlp = MLPWeights(w_in=linear(params, m + "up_proj"), w_gate=linear(params, m + "gate_proj"), w_out=linear(params, m + "down_proj"))
+    ln1 = rms_norm(params, _block(layer) + "input_layernorm.weight")
+    return LayerWeights(ln1, attn, rms_norm(params, _block(layer) + "post_attention_layernorm.weight"), mlp)
 
 
 def unembed_weights(params: Params, cfg: BridgeConfig) -> UnembedWeights:
-    W_U = params.get(LM_HEAD, params[EMBED])  # [d_vocab_out, d_model]
-    return UnembedWeights(_rms(params, FINAL_NORM), Affine(W_U, params.get("unembed.b_U"), in_out=False))
+    W_U = unembedding(params, LM_HEAD, EMBED)  # [d_vocab_out, d_model]
+    return UnembedWeights(rms_norm(params, FINAL_NORM), Affine(W_U, params.get("unembed.b_U"), in_out=False))
 
 
 def _gqa_prefix(cfg: BridgeConfig) -> str:
@@ -239,7 +227,7 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
         tl[t + "mlp.W_out"] = params[m + "down_proj.weight"].T
         tl[t + "mlp.b_out"] = zeros(cfg.d_model)
     tl["ln_final.w"] = params[FINAL_NORM]
-    tl["unembed.W_U"] = params.get(LM_HEAD, W_E).T
+    tl["unembed.W_U"] = unembedding(params, LM_HEAD, EMBED).T
     b_U = params.get("unembed.b_U")
     tl["unembed.b_U"] = zeros(cfg.d_vocab_out) if b_U is None else b_U
     if g:
@@ -321,7 +309,7 @@ def _family(spec: _Spec) -> Family:
         config_from_hf=lambda hf: _config_from_hf(spec, hf),
         param_shapes=param_shapes,
         extra_param_shapes=extra_param_shapes,
-        tied_aliases=tied_aliases,
+        tied_aliases=tied_aliases(LM_HEAD, EMBED),
         embed_weights=embed_weights,
         layer_weights=layer_weights,
         unembed_weights=unembed_weights,

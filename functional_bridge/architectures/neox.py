@@ -21,8 +21,8 @@ from torch import Tensor
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
-from ..components.norms import Norm
 from ..config import BridgeConfig
+from .leaves import layer_norm, linear, tied_aliases, unembedding
 from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
 from .rope import rope_fields
 
@@ -106,18 +106,6 @@ def extra_param_shapes(cfg: BridgeConfig) -> Shapes:
     return extra
 
 
-def tied_aliases(cfg: BridgeConfig) -> dict[str, str]:
-    return {HEAD: EMBED} if cfg.tie_word_embeddings else {}
-
-
-def _linear(params: Params, name: str) -> Affine:
-    return Affine(params[name + ".weight"], params.get(name + ".bias"), in_out=False)
-
-
-def _ln(params: Params, name: str) -> Norm:
-    return Norm(params[name + ".weight"], params[name + ".bias"], "LN")
-
-
 def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
     return EmbedWeights(params[EMBED], None)
 
@@ -125,16 +113,16 @@ def embed_weights(params: Params, cfg: BridgeConfig) -> EmbedWeights:
 def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights:
     p = _block(layer)
     attn = AttentionWeights(
-        qkv=_linear(params, p + "attention.query_key_value"), q=None, k=None, v=None,
-        o=_linear(params, p + "attention.dense"), qkv_layout="head_qkv",
+        qkv=linear(params, p + "attention.query_key_value"), q=None, k=None, v=None,
+        o=linear(params, p + "attention.dense"), qkv_layout="head_qkv",
     )  # fmt: skip
-    mlp = MLPWeights(w_in=_linear(params, p + "mlp.dense_h_to_4h"), w_gate=None, w_out=_linear(params, p + "mlp.dense_4h_to_h"))
-    return LayerWeights(_ln(params, p + "input_layernorm"), attn, _ln(params, p + "post_attention_layernorm"), mlp)
+    mlp = MLPWeights(w_in=linear(params, p + "mlp.dense_h_to_4h"), w_gate=None, w_out=linear(params, p + "mlp.dense_4h_to_h"))
+    return LayerWeights(layer_norm(params, p + "input_layernorm"), attn, layer_norm(params, p + "post_attention_layernorm"), mlp)
 
 
 def unembed_weights(params: Params, cfg: BridgeConfig) -> UnembedWeights:
-    W_U = params.get(HEAD, params[EMBED])  # [d_vocab_out, d_model]
-    return UnembedWeights(_ln(params, FINAL), Affine(W_U, params.get("unembed.b_U"), in_out=False))
+    W_U = unembedding(params, HEAD, EMBED)  # [d_vocab_out, d_model]
+    return UnembedWeights(layer_norm(params, FINAL), Affine(W_U, params.get("unembed.b_U"), in_out=False))
 
 
 def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
@@ -162,7 +150,7 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
         tl[t + "mlp.b_out"] = params[p + "mlp.dense_4h_to_h.bias"]
     tl["ln_final.w"] = params[FINAL + ".weight"]
     tl["ln_final.b"] = params[FINAL + ".bias"]
-    tl["unembed.W_U"] = params.get(HEAD, W_E).T
+    tl["unembed.W_U"] = unembedding(params, HEAD, EMBED).T
     b_U = params.get("unembed.b_U")
     tl["unembed.b_U"] = W_E.new_zeros(cfg.d_vocab_out) if b_U is None else b_U
     return tl
@@ -210,7 +198,7 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     param_shapes=param_shapes,
     extra_param_shapes=extra_param_shapes,
-    tied_aliases=tied_aliases,
+    tied_aliases=tied_aliases(HEAD, EMBED),
     embed_weights=embed_weights,
     layer_weights=layer_weights,
     unembed_weights=unembed_weights,
