@@ -51,9 +51,10 @@ def check_params(params: Params, cfg: BridgeConfig) -> None:
         elif tuple(value.shape) != want:
             problems.append(f"{name} has shape {tuple(value.shape)}, expected {want}")
     if problems:
+        shown = problems[:8] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 8 else [])
         raise ParamsStructureError(
             f"params do not match the {cfg.original_architecture} config "
-            f"(n_layers={cfg.n_layers}, d_model={cfg.d_model}): " + "; ".join(problems)
+            f"(n_layers={cfg.n_layers}, d_model={cfg.d_model}): " + "; ".join(shown)
         )
 
 

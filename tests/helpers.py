@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 TINY_GPT2 = dict(n_layer=3, n_embd=48, n_head=4, n_inner=80, vocab_size=97, n_positions=40)
 # GPT-2-small's shape with a random init (vocab and context as the real model).
-GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
 
 
 def gpt2_config(**overrides) -> GPT2Config:

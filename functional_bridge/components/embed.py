@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -16,8 +15,10 @@ def position_ids(attention_mask: Tensor | None, seq_len: int, device: torch.devi
 
 
 def embed_tokens(tokens: Tensor, W_E: Tensor) -> Tensor:
-    """tokens [batch, pos], W_E [d_vocab, d_model] -> [batch, pos, d_model]."""
-    return F.embedding(tokens, W_E)
+    """tokens [batch, pos], W_E [d_vocab, d_model] -> [batch, pos, d_model]. Plain indexing, not
+    F.embedding: under vmap over stacked embeddings (an ensemble), F.embedding's batching rule
+    copies the whole [d_vocab, K, d_model] table every call (measured: 1.6x slower forwards)."""
+    return W_E[tokens]
 
 
 def learned_positions(
