@@ -1,0 +1,93 @@
+"""The measured differences behind the rotary-families note, per test variant:
+`python tests/family_report.py` (TransformerLens columns need the oracle extra).
+
+Columns (max abs differences over the same random models the tests use): fp32 logits vs HF
+eager and HF sdpa; left-padded rows vs each row run alone through HF; TL weights vs TL 3.9's
+converter (biased variants: the keys its converter does not zero); every cached activation vs
+HookedTransformer built from the same weights, in float64 and in float32."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), "parity")]
+
+import functional_bridge as fb  # noqa: E402
+from family_helpers import ALL_VARIANTS, VOCAB, make_family, supports  # noqa: E402
+from helpers import max_diff, random_tokens  # noqa: E402
+from test_tl_oracle_families import BIASED_VARIANTS, ORACLE_VARIANTS, hooked_transformer, tl_conversion  # noqa: E402
+
+ZEROED_BY_TL = ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
+
+
+def logits_vs_hf(family, variant, attn):
+    hf = make_family(family, variant, attn=attn)
+    if not supports(hf, attn):
+        return None
+    tokens = random_tokens(3, 19, VOCAB)
+    return max_diff(fb.Bridge.from_hf(hf)(tokens), hf(tokens).logits)
+
+
+def padded_vs_alone(family, variant):
+    hf = make_family(family, variant)
+    lengths = [11, 6, 1, 8]
+    tokens = random_tokens(len(lengths), max(lengths), VOCAB)
+    mask = torch.zeros_like(tokens)
+    for row, n in enumerate(lengths):
+        mask[row, max(lengths) - n :] = 1
+    logits = fb.Bridge.from_hf(hf)(tokens, attention_mask=mask)
+    return max(
+        max_diff(logits[row][mask[row].bool()], hf(tokens[row][mask[row].bool()][None]).logits[0])
+        for row in range(len(lengths))
+    )
+
+
+def tl_weights_vs_converter(family, variant, transformer_lens):
+    hf = make_family(family, variant)
+    ours = fb.Bridge.from_hf(hf).tl_parameters()
+    expected = tl_conversion(hf, transformer_lens)
+    biased = (family, variant) in BIASED_VARIANTS
+    keys = [k for k in expected if not (biased and k.split(".")[-1] in ZEROED_BY_TL)]
+    return max(max_diff(ours[k], expected[k]) for k in keys)
+
+
+def cache_vs_hooked_transformer(family, variant, transformer_lens, dtype):
+    hf = make_family(family, variant).to(dtype)
+    bridge, model = fb.Bridge.from_hf(hf), hooked_transformer(hf, transformer_lens)
+    tokens = random_tokens(3, 12, VOCAB)
+    _, cache = bridge.run_with_cache(tokens)
+    _, tl_cache = model.run_with_cache(tokens)
+    worst = 0.0
+    for name, value in tl_cache.items():
+        finite = value.isfinite()  # masked attention scores are -inf in both
+        worst = max(worst, max_diff(cache[name][finite], value[finite]))
+    return worst
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1e}"
+
+
+@torch.no_grad()
+def main() -> None:
+    try:
+        import transformer_lens
+    except ImportError:
+        transformer_lens = None
+    print("| family | variant | vs HF eager | vs HF sdpa | padded vs alone | TL weights | cache f64 | cache f32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for family, variant in ALL_VARIANTS:
+        row = [logits_vs_hf(family, variant, "eager"), logits_vs_hf(family, variant, "sdpa"), padded_vs_alone(family, variant)]
+        oracle = transformer_lens is not None and (family, variant) in ORACLE_VARIANTS + BIASED_VARIANTS
+        row.append(tl_weights_vs_converter(family, variant, transformer_lens) if oracle else None)
+        for dtype in (torch.float64, torch.float32):
+            cached = oracle and (family, variant) in ORACLE_VARIANTS
+            row.append(cache_vs_hooked_transformer(family, variant, transformer_lens, dtype) if cached else None)
+        print(f"| {family} | {variant} | " + " | ".join(fmt(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
