@@ -201,8 +201,7 @@ class Bridge(nn.Module):
 
         own = self.params
         with torch.no_grad():
-            # copies: a value may be a view of a leaf that an earlier write in the loop changes
-            new = {name: value.clone() for name, value in tl_edit_leaves(own, self.cfg, updates).items()}
+            new = tl_edit_leaves(own, self.cfg, updates)  # new tensors (hf_from_tl), no view of a leaf
             trainable = any(leaf.requires_grad for leaf in own.values())
             for name, value in new.items():
                 if name in own:

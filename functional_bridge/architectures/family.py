@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..components.attention import AttentionWeights
@@ -62,3 +63,15 @@ class Family:
     # TL keys that are copies or expansions of another TL key (derived -> source): writes must go
     # to the source. E.g. grouped-query W_K -> _W_K; a tied unembed.W_U -> embed.W_E.
     tl_derived_keys: Callable[[BridgeConfig], dict[str, str]] = lambda cfg: {}
+
+
+def new_leaves(from_tl: Mapping[str, Tensor], cfg: BridgeConfig, shapes: Shapes, extra_shapes: Shapes, extras: Collection[str]) -> dict[str, Tensor]:
+    """The common end of every ``hf_from_tl``: from ``from_tl`` (HF name -> tensor in the HF
+    layout, for every leaf and any extra the family can fill), the leaves in HF order (``shapes``)
+    then the requested extras in the family's order, each a new contiguous tensor (never an
+    input's own, so a caller may write the results into leaves the inputs view)."""
+    unknown = [name for name in extras if name not in extra_shapes]
+    if unknown:
+        raise ValueError(f"{cfg.original_architecture} has no extra leaf {unknown}; known: {list(extra_shapes)}")
+    names = [*shapes, *(name for name in extra_shapes if name in extras)]
+    return {name: from_tl[name].clone(memory_format=torch.contiguous_format) for name in names}

@@ -19,8 +19,8 @@ from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
 from ..config import BridgeConfig
-from .leaves import conv1d, layer_norm, tied_aliases, unembedding
-from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
+from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights, new_leaves
+from .leaves import conv1d, layer_norm, tied_aliases, tied_unembedding, unembedding
 
 ARCHITECTURE = "GPT2LMHeadModel"
 
@@ -104,7 +104,7 @@ def layer_weights(params: Params, cfg: BridgeConfig, layer: int) -> LayerWeights
     return LayerWeights(layer_norm(params, p + "ln_1"), attn, layer_norm(params, p + "ln_2"), mlp)
 
 
-def _unembedding(params: Params) -> "tuple":
+def _unembedding(params: Params) -> tuple[Tensor, Tensor | None]:
     W_U = unembedding(params, "lm_head.weight", "transformer.wte.weight")  # [d_vocab_out, d_model]
     return W_U, params.get("unembed.b_U")
 
@@ -148,9 +148,6 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict:
 def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[str] = ()) -> dict:
     """Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extras) from
     a complete TL dict; hf_from_tl(tl_weights(p), cfg, ()) == p bitwise."""
-    unknown = [name for name in extras if name not in extra_param_shapes(cfg)]
-    if unknown:
-        raise ValueError(f"{ARCHITECTURE} has no extra leaf {unknown}; known: {list(extra_param_shapes(cfg))}")
     hf = {"transformer.wte.weight": tl["embed.W_E"], "transformer.wpe.weight": tl["pos_embed.W_pos"]}
     for layer in range(cfg.n_layers):
         p, t = _block(layer), f"blocks.{layer}."
@@ -169,17 +166,10 @@ def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[s
         hf[p + "mlp.c_proj.bias"] = tl[t + "mlp.b_out"]
     hf["transformer.ln_f.weight"] = tl["ln_final.w"]
     hf["transformer.ln_f.bias"] = tl["ln_final.b"]
-    if not cfg.tie_word_embeddings:
-        hf["lm_head.weight"] = tl["unembed.W_U"].T  # [d_vocab_out, d_model]
-    for name in extra_param_shapes(cfg):  # the family's order, whatever order extras has
-        if name in extras:
-            hf[name] = tl["unembed.W_U"].T if name == "lm_head.weight" else tl[name]
-    return {name: tensor.contiguous() for name, tensor in hf.items()}
-
-
-def tl_derived_keys(cfg: BridgeConfig) -> dict[str, str]:
-    """A tied unembedding is the embedding, transposed (writing it unties: see editing.py)."""
-    return {"unembed.W_U": "embed.W_E"} if cfg.tie_word_embeddings else {}
+    hf["lm_head.weight"] = tl["unembed.W_U"].T  # [d_vocab_out, d_model]: a leaf when untied, else an extra
+    if "unembed.b_U" in tl:  # present when the extra leaf is
+        hf["unembed.b_U"] = tl["unembed.b_U"]
+    return new_leaves(hf, cfg, param_shapes(cfg), extra_param_shapes(cfg), extras)
 
 
 FAMILY = Family(
@@ -194,5 +184,5 @@ FAMILY = Family(
     unembed_weights=unembed_weights,
     tl_weights=tl_weights,
     hf_from_tl=hf_from_tl,
-    tl_derived_keys=tl_derived_keys,
+    tl_derived_keys=tied_unembedding,  # writing W_U unties it: see editing.py
 )

@@ -12,15 +12,14 @@ import math
 from typing import Collection, Mapping
 
 import einops
-import torch
 from torch import Tensor
 
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
 from ..config import BridgeConfig
-from .leaves import layer_norm, linear, tied_aliases, unembedding
-from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
+from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights, new_leaves
+from .leaves import layer_norm, linear, tied_aliases, tied_unembedding, unembedding
 
 ARCHITECTURE = "GPTJForCausalLM"
 EMBED, HEAD = "transformer.wte.weight", "lm_head.weight"
@@ -150,18 +149,12 @@ def tl_derived_keys(cfg: BridgeConfig) -> dict[str, str]:
     for layer in range(cfg.n_layers):
         t = f"blocks.{layer}."
         derived.update({t + "ln2.w": t + "ln1.w", t + "ln2.b": t + "ln1.b"})
-    if cfg.tie_word_embeddings:
-        derived["unembed.W_U"] = "embed.W_E"
-    return derived
+    return derived | tied_unembedding(cfg)
 
 
 def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[str] = ()) -> dict[str, Tensor]:
     """Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extras).
     ln2 is read from ln1 (its source); zero attention biases only when requested as extras."""
-    extra_shapes = extra_param_shapes(cfg)
-    unknown = [name for name in extras if name not in extra_shapes]
-    if unknown:
-        raise ValueError(f"{ARCHITECTURE} has no extra leaf {unknown}; known: {list(extra_shapes)}")
     from_tl = {EMBED: tl["embed.W_E"]}
     for layer in range(cfg.n_layers):
         p, t = _block(layer), f"blocks.{layer}."
@@ -180,8 +173,7 @@ def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[s
         "transformer.ln_f.weight": tl["ln_final.w"], "transformer.ln_f.bias": tl["ln_final.b"],
         HEAD: tl["unembed.W_U"].T, "lm_head.bias": tl["unembed.b_U"],
     })  # fmt: skip
-    names = list(param_shapes(cfg)) + [name for name in extra_shapes if name in extras]
-    return {name: from_tl[name].clone(memory_format=torch.contiguous_format) for name in names}
+    return new_leaves(from_tl, cfg, param_shapes(cfg), extra_param_shapes(cfg), extras)
 
 
 FAMILY = Family(

@@ -42,3 +42,8 @@ def tied_aliases(head: str, embed: str) -> Callable[[BridgeConfig], dict[str, st
         return {head: embed} if cfg.tie_word_embeddings else {}
 
     return aliases
+
+
+def tied_unembedding(cfg: BridgeConfig) -> dict[str, str]:
+    """Family.tl_derived_keys entry of a tied head: TL's unembed.W_U is embed.W_E, transposed."""
+    return {"unembed.W_U": "embed.W_E"} if cfg.tie_word_embeddings else {}

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Mapping
 
 import einops
-import torch
 from torch import Tensor
 
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
 from ..config import BridgeConfig
-from .leaves import linear, rms_norm, tied_aliases, unembedding
-from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
+from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights, new_leaves
+from .leaves import linear, rms_norm, tied_aliases, tied_unembedding, unembedding
 from .rope import rope_fields
 
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -245,34 +244,13 @@ def tl_derived_keys(cfg: BridgeConfig) -> dict[str, str]:
         for layer in range(cfg.n_layers):
             t = f"blocks.{layer}.attn."
             derived.update({t + key: t + "_" + key for key in ("W_K", "W_V", "b_K", "b_V")})
-    if cfg.tie_word_embeddings:
-        derived["unembed.W_U"] = "embed.W_E"
-    return derived
-
-
-def _new(tensor: Tensor) -> Tensor:
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _extra_source(name: str, tl: Mapping[str, Tensor], cfg: BridgeConfig) -> Tensor:
-    """The TL tensor an extra leaf holds, in the leaf's HF layout."""
-    if name == LM_HEAD:
-        return tl["unembed.W_U"].T
-    if name == "unembed.b_U":
-        return tl[name]
-    layer, proj = int(name.split(".")[2]), name.split(".")[4]
-    key = {"q_proj": "b_Q", "k_proj": _gqa_prefix(cfg) + "b_K", "v_proj": _gqa_prefix(cfg) + "b_V", "o_proj": "b_O"}[proj]
-    return tl[f"blocks.{layer}.attn.{key}"].reshape(-1)
+    return derived | tied_unembedding(cfg)
 
 
 def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[str] = ()) -> dict[str, Tensor]:
     """Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extras).
     TL tensors with no HF slot (zero biases not requested as extras, the gated MLP's b_in and
     b_out) are not read; derived keys (expanded W_K, a tied W_U) are read from their sources."""
-    extra_shapes = extra_param_shapes(cfg)
-    unknown = [name for name in extras if name not in extra_shapes]
-    if unknown:
-        raise ValueError(f"{cfg.original_architecture} has no extra leaf {unknown}; known: {list(extra_shapes)}")
     g = _gqa_prefix(cfg)
     hf = {EMBED: tl["embed.W_E"]}
     for layer in range(cfg.n_layers):
@@ -280,11 +258,9 @@ def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[s
         sources = {"q_proj": ("W_Q", "b_Q"), "k_proj": (g + "W_K", g + "b_K"), "v_proj": (g + "W_V", g + "b_V")}
         for proj, (W, b) in sources.items():
             hf[f"{p}self_attn.{proj}.weight"] = einops.rearrange(tl[t + "attn." + W], "n m h -> (n h) m")
-            if cfg.qkv_bias:
-                hf[f"{p}self_attn.{proj}.bias"] = tl[t + "attn." + b].reshape(-1)
+            hf[f"{p}self_attn.{proj}.bias"] = tl[t + "attn." + b].reshape(-1)  # a leaf or an extra
         hf[p + "self_attn.o_proj.weight"] = einops.rearrange(tl[t + "attn.W_O"], "n h m -> m (n h)")
-        if cfg.attn_out_bias:
-            hf[p + "self_attn.o_proj.bias"] = tl[t + "attn.b_O"]
+        hf[p + "self_attn.o_proj.bias"] = tl[t + "attn.b_O"]
         if cfg.use_qk_norm:
             hf[p + "self_attn.q_norm.weight"] = tl[t + "attn.q_norm.w"]
             hf[p + "self_attn.k_norm.weight"] = tl[t + "attn.k_norm.w"]
@@ -294,12 +270,9 @@ def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[s
         hf[p + "input_layernorm.weight"] = tl[t + "ln1.w"]
         hf[p + "post_attention_layernorm.weight"] = tl[t + "ln2.w"]
     hf[FINAL_NORM] = tl["ln_final.w"]
-    if not cfg.tie_word_embeddings:
-        hf[LM_HEAD] = tl["unembed.W_U"].T
-    for name in extra_shapes:  # the family's order, whatever order extras has
-        if name in extras:
-            hf[name] = _extra_source(name, tl, cfg)
-    return {name: _new(tensor) for name, tensor in hf.items()}
+    hf[LM_HEAD] = tl["unembed.W_U"].T  # a leaf when untied, else an extra
+    hf["unembed.b_U"] = tl["unembed.b_U"]
+    return new_leaves(hf, cfg, param_shapes(cfg), extra_param_shapes(cfg), extras)
 
 
 def _family(spec: _Spec) -> Family:

@@ -22,8 +22,8 @@ from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import ACTIVATIONS, MLPWeights
 from ..config import BridgeConfig
-from .leaves import layer_norm, linear, tied_aliases, unembedding
-from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights
+from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights, new_leaves
+from .leaves import layer_norm, linear, tied_aliases, tied_unembedding, unembedding
 from .rope import rope_fields
 
 ARCHITECTURE = "GPTNeoXForCausalLM"
@@ -156,20 +156,12 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
     return tl
 
 
-def tl_derived_keys(cfg: BridgeConfig) -> dict[str, str]:
-    return {"unembed.W_U": "embed.W_E"} if cfg.tie_word_embeddings else {}
-
-
 def _fused_bias(tl: Mapping[str, Tensor], t: str) -> Tensor:
     return einops.rearrange(torch.stack([tl[t + "attn.b_" + x] for x in "QKV"]), "qkv i h -> (i qkv h)")
 
 
 def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[str] = ()) -> dict[str, Tensor]:
     """Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extras)."""
-    extra_shapes = extra_param_shapes(cfg)
-    unknown = [name for name in extras if name not in extra_shapes]
-    if unknown:
-        raise ValueError(f"{ARCHITECTURE} has no extra leaf {unknown}; known: {list(extra_shapes)}")
     from_tl = {EMBED: tl["embed.W_E"]}  # HF name -> TL tensor in HF layout, every leaf that can exist
     for layer in range(cfg.n_layers):
         p, t = _block(layer), f"blocks.{layer}."
@@ -188,8 +180,7 @@ def hf_from_tl(tl: Mapping[str, Tensor], cfg: BridgeConfig, extras: Collection[s
         FINAL + ".weight": tl["ln_final.w"], FINAL + ".bias": tl["ln_final.b"],
         HEAD: tl["unembed.W_U"].T, "unembed.b_U": tl["unembed.b_U"],
     })  # fmt: skip
-    names = list(param_shapes(cfg)) + [name for name in extra_shapes if name in extras]
-    return {name: from_tl[name].clone(memory_format=torch.contiguous_format) for name in names}
+    return new_leaves(from_tl, cfg, param_shapes(cfg), extra_param_shapes(cfg), extras)
 
 
 FAMILY = Family(
@@ -204,5 +195,5 @@ FAMILY = Family(
     unembed_weights=unembed_weights,
     tl_weights=tl_weights,
     hf_from_tl=hf_from_tl,
-    tl_derived_keys=tl_derived_keys,
+    tl_derived_keys=tied_unembedding,
 )
