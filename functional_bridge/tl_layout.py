@@ -46,17 +46,17 @@ def leaf_shapes(cfg: BridgeConfig, extras: tuple[str, ...]) -> dict[str, Shape]:
     return {**family.param_shapes(cfg), **{name: optional[name] for name in extras}}
 
 
-def _leaf_deps(tl: dict, leaves: dict, keys) -> dict[str, frozenset[str]]:
-    """TL key -> the leaves it is computed from (one meta backward per key)."""
-    names, inputs = list(leaves), list(leaves.values())
+def _dependencies(outputs: dict, inputs: dict, keys) -> dict[str, frozenset[str]]:
+    """Output key -> the names of the inputs it is computed from (one meta backward per key)."""
+    names, values = list(inputs), list(inputs.values())
     deps = {}
     for key in keys:
-        value = tl[key]
+        value = outputs[key]
         if not value.requires_grad:
             deps[key] = frozenset()
             continue
         grads = torch.autograd.grad(
-            value, inputs, grad_outputs=torch.empty_like(value), retain_graph=True, allow_unused=True
+            value, values, grad_outputs=torch.empty_like(value), retain_graph=True, allow_unused=True
         )
         deps[key] = frozenset(name for name, g in zip(names, grads) if g is not None)
     return deps
@@ -89,10 +89,10 @@ def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
         leaves = _meta(shapes, set(shapes))
         tl = family.tl_weights(leaves, cfg)
         pairs = {d: s for d, s in family.tl_derived_keys(cfg).items() if d in tl}
-        deps = _leaf_deps(tl, leaves, {*pairs, *pairs.values()})
+        deps = _dependencies(tl, leaves, {*pairs, *pairs.values()})
         all_leaves = _meta(leaf_shapes(cfg, extras + absent), set(shapes) | set(absent))
         tl_all = family.tl_weights(all_leaves, cfg)
-        deps_all = _leaf_deps(tl_all, all_leaves, list(tl_all))
+        deps_all = _dependencies(tl_all, all_leaves, list(tl_all))
     # a derived key stays derived while it reads its source's leaves (an untied W_U does not)
     derived = {d: s for d, s in pairs.items() if deps[d] & deps[s]}
     extra_for = {}
@@ -121,14 +121,5 @@ def hf_dependencies(cfg: BridgeConfig, extras: tuple[str, ...]) -> dict[str, fro
     mode, grad = _traced()
     with mode, grad:
         tl = _meta(shapes, set(shapes))
-        keys, inputs = list(tl), list(tl.values())
-        deps = {}
-        for leaf, value in family.hf_from_tl(tl, cfg, extras).items():
-            if not value.requires_grad:
-                deps[leaf] = frozenset()
-                continue
-            grads = torch.autograd.grad(
-                value, inputs, grad_outputs=torch.empty_like(value), retain_graph=True, allow_unused=True
-            )
-            deps[leaf] = frozenset(key for key, g in zip(keys, grads) if g is not None)
-    return deps
+        leaves = family.hf_from_tl(tl, cfg, extras)
+        return _dependencies(leaves, tl, list(leaves))

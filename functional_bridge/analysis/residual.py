@@ -118,13 +118,7 @@ def stack_head_results(cache, layer=-1, return_labels=False, incl_remainder=Fals
         components = torch.cat(per_layer, dim=-2).movedim(-2, 0)  # [layer * head, ..., d_model]
     else:
         components = _empty_stack(cache, pos_slice)
-    if incl_remainder:
-        resid = take(cache["resid_post", layer - 1], pos_slice, -2)
-        components = torch.cat([components, (resid - components.sum(0))[None]])
-        labels.append("remainder")
-    if apply_ln:
-        components = apply_ln_to_stack(cache, components, layer, pos_slice=pos_slice)
-    return _labelled(components, labels, return_labels)
+    return _finish_stack(cache, components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
 
 def neuron_results(cache, layer: int, neuron_slice=None, pos_slice=None, tl: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -151,10 +145,16 @@ def stack_neuron_results(
         components = torch.cat(per_layer, dim=-2).movedim(-2, 0)
     else:
         components = _empty_stack(cache, pos_slice)
+    return _finish_stack(cache, components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
+
+
+def _finish_stack(cache, components, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels):
+    """The end of the stack_* functions: append what the components leave of resid_post of block
+    ``layer - 1`` ("remainder"), apply the norm that reads block ``layer``'s input if asked, label."""
     if incl_remainder:
         resid = take(cache["resid_post", layer - 1], pos_slice, -2)
         components = torch.cat([components, (resid - components.sum(0))[None]])
-        labels.append("remainder")
+        labels = [*labels, "remainder"]
     if apply_ln:
         components = apply_ln_to_stack(cache, components, layer, pos_slice=pos_slice)
     return _labelled(components, labels, return_labels)
