@@ -10,14 +10,6 @@ from __future__ import annotations
 import torch
 
 
-def available() -> bool:
-    try:
-        import transformer_lens  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def tl_version() -> str | None:
     try:
         from importlib.metadata import version

@@ -10,7 +10,8 @@ built from the same HF weights through TransformerLens's own conversion (anchors
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +37,6 @@ class Plan:
     optimizer: Shape
     parity: Shape
     ensemble_k: int = 8
-    notes: tuple[str, ...] = field(default=())
 
 
 def plan_for(size: str, device: str, shapes: tuple[Shape, ...] | None = None) -> Plan:
@@ -55,8 +55,7 @@ def plan_for(size: str, device: str, shapes: tuple[Shape, ...] | None = None) ->
         plan = Plan(shapes=((1, 128), (4, 128)), grads=(8, 64), ensemble=(1, 128), patching=(1, 32),
                     optimizer=(4, 128), parity=(4, 64))  # fmt: skip
     if shapes:
-        plan = Plan(shapes=tuple(shapes), grads=plan.grads, ensemble=plan.ensemble, patching=plan.patching,
-                    optimizer=plan.optimizer, parity=plan.parity, ensemble_k=plan.ensemble_k)  # fmt: skip
+        plan = dataclasses.replace(plan, shapes=tuple(shapes))
     return plan
 
 

@@ -144,6 +144,13 @@ class Context:
     def note(self, text: str) -> None:
         self.current.notes.append(text)
 
+    def anchor(self):
+        """HookedTransformer built from the same HF weights, with --anchors (None without, or
+        when it cannot be built: the failure is noted)."""
+        if not self.settings.anchors:
+            return None
+        return self.attempt("HookedTransformer anchor", lambda: self.models.anchor(self.dtype))
+
     def attempt(self, label: str, fn: Callable[[], object]):
         """Run one case; on failure record the error as a note and return None (the suite goes on)."""
         try:

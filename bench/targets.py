@@ -10,6 +10,8 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
+
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 
 
@@ -63,4 +65,12 @@ PARAM_BYTES = Target("==", 0.0, "all")
 # the harness's own sanity bounds (not from the issue): results that disagree are not timings
 AGREE_FP32 = Target("<=", 1e-4, "all", "harness bound: same function in float32")
 AGREE_LOW = Target("<=", 5e-2, "all", "harness bound: same function in bf16/fp16")
+AGREE_TEXT = f"{AGREE_FP32.text()} (fp32) / {AGREE_LOW.text()} (bf16, fp16)"
+
+
+def agreement(dtype: torch.dtype) -> Target:
+    """The harness's bound on two computations of the same function in ``dtype``."""
+    return AGREE_FP32 if dtype == torch.float32 else AGREE_LOW
+
+
 LOW_PRECISION_VS_HF = Target("<=", 1.5, "all", "harness bound: our rounding error at most 1.5x HF's")

@@ -20,7 +20,7 @@ TARGETS = [
 
 def run(ctx) -> None:
     hf, eager, bridge = ctx.models.hf(ctx.dtype), ctx.models.hf_eager(ctx.dtype), ctx.models.bridge(ctx.dtype)
-    anchor = ctx.attempt("HookedTransformer anchor", lambda: ctx.models.anchor(ctx.dtype)) if ctx.settings.anchors else None
+    anchor = ctx.anchor()
     cfg = bridge.cfg
     middle = cfg.n_layers // 2
     one_hook = f"blocks.{middle}.hook_resid_post"
@@ -48,9 +48,8 @@ def run(ctx) -> None:
         if anchor is not None:
             contenders["tl_cache_all"] = lambda: anchor.run_with_cache(tokens)
         with torch.inference_mode():
-            n_cached = len(bridge.run_with_cache(tokens)[1])
             m = ctx.measure(case, contenders)
-        labels = {"ours_cache_all": f"ours run_with_cache ({n_cached} hooks)", "ours_cache_one": "ours run_with_cache (1 hook)",
+        labels = {"ours_cache_all": f"ours run_with_cache ({len(bridge.hook_names())} hooks)", "ours_cache_one": "ours run_with_cache (1 hook)",
                   "ours_edit": "ours run_with_hooks (1 edit)", "tl_cache_all": "HookedTransformer run_with_cache",
                   "hf_eager_outputs": "HF eager + outputs"}  # fmt: skip
         for name in contenders:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 import functional_bridge as fb
+from functional_bridge.func import detached
 
 from .. import targets
 from ..models import flops_per_forward, random_tokens
@@ -34,7 +35,7 @@ def bf16_peak(device_name: str) -> float | None:
 def run(ctx) -> None:
     bridge, hf = ctx.models.bridge(ctx.dtype), ctx.models.hf(ctx.dtype)
     cfg = bridge.cfg
-    params = {name: leaf.detach() for name, leaf in bridge.params.items()}
+    params = detached(bridge.params)
     shapes = ctx.plan.shapes if ctx.cuda or ctx.settings.size == "tiny" else ctx.plan.shapes[-1:]
     peak = bf16_peak(torch.cuda.get_device_name()) if ctx.cuda else None
     if ctx.cuda:
@@ -50,7 +51,7 @@ def run(ctx) -> None:
             eager = fb.forward(params, tokens, cfg)
             difference = (out.float() - eager.float()).abs().max().item()
             ctx.value_row(case, "compile time (first call)", seconds, "s")
-            agree = targets.AGREE_FP32 if ctx.dtype == torch.float32 else targets.AGREE_LOW
+            agree = targets.agreement(ctx.dtype)
             ctx.value_row(case, "max |compiled - eager| (logits)", difference, "abs", agree)
             m = ctx.measure(case, {
                 "compiled": lambda: compiled(params, tokens, cfg),

@@ -8,6 +8,7 @@ import torch
 from torch.func import vmap
 
 import functional_bridge as fb
+from functional_bridge.func import detached
 
 from .. import targets
 from ..models import random_tokens
@@ -15,14 +16,14 @@ from ..runner import case_name
 
 DESCRIPTION = __doc__
 TARGETS = ["none set: the speed-up loop / vmap is reported",
-           f"max |vmap - loop| {targets.AGREE_FP32.text()} (fp32) / {targets.AGREE_LOW.text()} (bf16, fp16)"]  # fmt: skip
+           f"max |vmap - loop| {targets.AGREE_TEXT}"]  # fmt: skip
 
 
 def run(ctx) -> None:
     bridge = ctx.models.bridge(ctx.dtype)
     cfg, k, shape = bridge.cfg, ctx.plan.ensemble_k, ctx.plan.ensemble
     case = f"K={k}, {case_name(shape)}"
-    params = {name: leaf.detach() for name, leaf in bridge.params.items()}
+    params = detached(bridge.params)
     with torch.no_grad():
         stacked = fb.stack_params([params] * k)
         for member in range(k):  # make the members differ
@@ -39,7 +40,7 @@ def run(ctx) -> None:
     with torch.inference_mode():
         together = contenders["vmap"]()
         one_by_one = torch.stack(contenders["loop"]())
-        agree = targets.AGREE_FP32 if ctx.dtype == torch.float32 else targets.AGREE_LOW
+        agree = targets.agreement(ctx.dtype)
         ctx.value_row(case, "max |vmap - loop| (logits)", (together - one_by_one).abs().max().item(), "abs", agree)
         del together, one_by_one
         m = ctx.measure(case, contenders, heavy=True)

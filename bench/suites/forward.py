@@ -18,7 +18,7 @@ TARGETS = [
 
 def run(ctx) -> None:
     hf, eager, bridge = ctx.models.hf(ctx.dtype), ctx.models.hf_eager(ctx.dtype), ctx.models.bridge(ctx.dtype)
-    anchor = _anchor(ctx)
+    anchor = ctx.anchor()
     ctx.note("HF is called with use_cache=False (no KV cache object); every contender returns logits for every position.")
     for shape in ctx.plan.shapes:
         case = case_name(shape)
@@ -41,8 +41,3 @@ def run(ctx) -> None:
             ctx.ratio_row(case, m, "tl", "hf_sdpa", "HookedTransformer / HF sdpa")
             ctx.ratio_row(case, m, "ours", "tl", "ours / HookedTransformer")
 
-
-def _anchor(ctx):
-    if not ctx.settings.anchors:
-        return None
-    return ctx.attempt("HookedTransformer anchor", lambda: ctx.models.anchor(ctx.dtype))

@@ -10,6 +10,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import functional_bridge as fb
+from functional_bridge.func import detached
 
 from .. import targets
 from ..models import left_padded_mask, random_tokens
@@ -19,7 +20,7 @@ DESCRIPTION = __doc__
 TARGETS = [
     f"loop / per_example_grads (speed-up) {targets.GRADS_CPU.text()}",
     f"loop / per_example_grads (speed-up) {targets.GRADS_GPU.text()}",
-    f"max |vmap - loop| / max |loop| {targets.AGREE_FP32.text()} (fp32) / {targets.AGREE_LOW.text()} (bf16, fp16)",
+    f"max |vmap - loop| / max |loop| {targets.AGREE_TEXT}",
 ]
 
 
@@ -32,7 +33,7 @@ def run(ctx) -> None:
     mask = left_padded_mask(shape, ctx.device)
     lengths = mask.sum(-1).tolist()
     ctx.note(f"{shape[0]} rows of {shape[1]} positions, real lengths {lengths}, left padded; loss: fb.next_token_loss over real tokens.")
-    params = {name: leaf.detach() for name, leaf in bridge.params.items()}
+    params = detached(bridge.params)
     leaves = {name: leaf.detach().requires_grad_(True) for name, leaf in bridge.params.items()}
 
     def ours():
@@ -64,7 +65,7 @@ def run(ctx) -> None:
         ((theirs[name][row] - reference[row][i]).abs().max() / reference[row][i].abs().max().clamp(min=1e-30)).item()
         for row in range(shape[0]) for i, name in enumerate(names)
     )  # fmt: skip
-    agree = targets.AGREE_FP32 if ctx.dtype == torch.float32 else targets.AGREE_LOW
+    agree = targets.agreement(ctx.dtype)
     ctx.value_row(case, "max |vmap - loop| / max |loop| (per leaf, per row)", worst, "rel", agree)
     del reference, theirs
 

@@ -27,21 +27,15 @@ def run(ctx) -> None:
     _peaks(ctx)
 
 
-def _unique(params):
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def _parameters(ctx) -> None:
     hf, bridge = ctx.models.hf(ctx.dtype), ctx.models.bridge(ctx.dtype)
     case = ctx.settings.size
-    ours, theirs = _unique(bridge.parameters()), _unique(hf.parameters())
-    ours_bytes = sum(p.numel() * p.element_size() for p in ours)
-    hf_bytes = sum(p.numel() * p.element_size() for p in theirs)
+    ours, theirs = list(bridge.parameters()), list(hf.parameters())  # each tensor once, as Module yields them
+    ours_bytes, hf_bytes = _bytes(ours), _bytes(theirs)
     ours_numel, hf_numel = sum(p.numel() for p in ours), sum(p.numel() for p in theirs)
     ctx.value_row(case, "parameter bytes, ours", ours_bytes, "bytes")
     ctx.value_row(case, "parameter bytes, HF", hf_bytes, "bytes")
@@ -53,13 +47,12 @@ def _parameters(ctx) -> None:
     ctx.value_row(case, "parameter objects, HF", len(theirs), "")
     hf_ids = {id(p) for p in theirs}
     ctx.value_row(case, "ours that are HF's own objects", sum(id(p) in hf_ids for p in ours), "")
-    if ctx.settings.anchors:
-        anchor = ctx.attempt("HookedTransformer anchor", lambda: ctx.models.anchor(ctx.dtype))
-        if anchor is not None:
-            tl = _unique(anchor.parameters())
-            ctx.value_row(case, "parameter bytes, HookedTransformer", sum(p.numel() * p.element_size() for p in tl), "bytes",
-                          note="HookedTransformer stores W_U apart from W_E")  # fmt: skip
-            ctx.value_row(case, "parameter objects, HookedTransformer", len(tl), "")
+    anchor = ctx.anchor()
+    if anchor is not None:
+        tl = list(anchor.parameters())
+        ctx.value_row(case, "parameter bytes, HookedTransformer", _bytes(tl), "bytes",
+                      note="HookedTransformer stores W_U apart from W_E")  # fmt: skip
+        ctx.value_row(case, "parameter objects, HookedTransformer", len(tl), "")
 
 
 def _peaks(ctx) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 import functional_bridge as fb
+from functional_bridge.func import detached
 
 from .. import targets
 from ..models import random_tokens
@@ -15,14 +16,14 @@ from ..runner import case_name
 
 DESCRIPTION = __doc__
 TARGETS = [f"loop / head_z_patching (speed-up) {targets.PATCHING_GPU.text()}",
-           f"max |vmap - loop| {targets.AGREE_FP32.text()} (fp32) / {targets.AGREE_LOW.text()} (bf16, fp16)"]  # fmt: skip
+           f"max |vmap - loop| {targets.AGREE_TEXT}"]  # fmt: skip
 
 
 def run(ctx) -> None:
     bridge = ctx.models.bridge(ctx.dtype)
     cfg, shape = bridge.cfg, ctx.plan.patching
     case = f"{cfg.n_layers * cfg.n_heads} heads, {case_name(shape)}"
-    params = {name: leaf.detach() for name, leaf in bridge.params.items()}
+    params = detached(bridge.params)
     clean = random_tokens(shape, cfg.d_vocab, ctx.device, seed=3)
     corrupted = random_tokens(shape, cfg.d_vocab, ctx.device, seed=4)
 
@@ -49,7 +50,7 @@ def run(ctx) -> None:
 
     with torch.inference_mode():
         difference = (vmapped().float().cpu() - loop()).abs().max().item()
-        agree = targets.AGREE_FP32 if ctx.dtype == torch.float32 else targets.AGREE_LOW
+        agree = targets.agreement(ctx.dtype)
         ctx.value_row(case, "max |vmap - loop| (metric)", difference, "abs", agree)
         m = ctx.measure(case, {"vmap": vmapped, "loop": loop}, heavy=True)
     ctx.time_row(case, m, "vmap", "head_z_patching (vmap)")
