@@ -98,9 +98,9 @@ def perturb_family_(model, seed: int = 0, qk_scale: float = 8.0):
     return model
 
 
-def make_family(family: str, variant: str = "base", seed: int = 0, attn: str = "sdpa", perturb: bool = True, qk_scale: float = 8.0, **overrides):
+def make_family(family: str, variant: str = "base", seed: int = 0, attn: str = "sdpa", qk_scale: float = 8.0, **overrides):
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(family_config(family, variant, **overrides)).eval()
     if supports(model, attn):
         model.set_attn_implementation(attn)
-    return perturb_family_(model, seed, qk_scale) if perturb else model
+    return perturb_family_(model, seed, qk_scale)

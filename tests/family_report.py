@@ -17,7 +17,7 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__
 
 import functional_bridge as fb  # noqa: E402
 from family_helpers import ALL_VARIANTS, VOCAB, make_family, supports  # noqa: E402
-from helpers import max_diff, random_tokens  # noqa: E402
+from helpers import max_diff, padded_batch, random_tokens  # noqa: E402
 from test_tl_oracle_families import BIASED_VARIANTS, ORACLE_VARIANTS, hooked_transformer, tl_conversion  # noqa: E402
 
 ZEROED_BY_TL = ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
@@ -34,10 +34,7 @@ def logits_vs_hf(family, variant, attn):
 def padded_vs_alone(family, variant):
     hf = make_family(family, variant)
     lengths = [11, 6, 1, 8]
-    tokens = random_tokens(len(lengths), max(lengths), VOCAB)
-    mask = torch.zeros_like(tokens)
-    for row, n in enumerate(lengths):
-        mask[row, max(lengths) - n :] = 1
+    tokens, mask = padded_batch(VOCAB, lengths, "left")
     logits = fb.Bridge.from_hf(hf)(tokens, attention_mask=mask)
     return max(
         max_diff(logits[row][mask[row].bool()], hf(tokens[row][mask[row].bool()][None]).logits[0])

@@ -15,11 +15,6 @@ def gpt2_config(**overrides) -> GPT2Config:
     return GPT2Config(**fields)
 
 
-def set_attn_implementation(model, implementation: str):
-    model.set_attn_implementation(implementation)
-    return model
-
-
 @torch.no_grad()
 def perturb_(model, seed: int = 0, qk_scale: float = 4.0):
     """Move norms and biases away from their init values (1 and 0) and sharpen attention, so
@@ -35,11 +30,15 @@ def perturb_(model, seed: int = 0, qk_scale: float = 4.0):
     return model
 
 
-def make_gpt2(seed: int = 0, attn: str = "sdpa", perturb: bool = True, **overrides) -> GPT2LMHeadModel:
+def make_gpt2(seed: int = 0, attn: str = "sdpa", qk_scale: float = 4.0, **overrides) -> GPT2LMHeadModel:
+    """overrides: GPT2Config fields (an unknown name is an error, not a silent config attribute)."""
+    unknown = set(overrides) - set(GPT2Config().to_dict())
+    if unknown:
+        raise TypeError(f"make_gpt2: {sorted(unknown)} are not GPT2Config fields")
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(gpt2_config(**overrides)).eval()
-    set_attn_implementation(model, attn)
-    return perturb_(model, seed) if perturb else model
+    model.set_attn_implementation(attn)
+    return perturb_(model, seed, qk_scale)
 
 
 def random_tokens(batch: int, pos: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -48,3 +47,40 @@ def random_tokens(batch: int, pos: int, vocab: int, seed: int = 0) -> torch.Tens
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def padding_mask(lengths: list[int], side: str) -> torch.Tensor:
+    """[len(lengths), max(lengths)]: 1 on each row's real tokens, padding on the ``side``."""
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, width - n :] = 1
+        else:
+            mask[row, :n] = 1
+    return mask
+
+
+def padded_batch(vocab: int, lengths: list[int], side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens [rows, max(lengths)] and their padding_mask."""
+    return random_tokens(len(lengths), max(lengths), vocab, seed=seed), padding_mask(lengths, side)
+
+
+def assert_caches_equal(bridge, model, tokens, mask):
+    """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s
+    within 1e-5, same names in the same order, masked attention scores -inf in both. Returns
+    (logits, cache, HookedTransformer's logits)."""
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
+    assert list(cache) == list(tl_cache.keys())
+    for name, value in tl_cache.items():
+        assert cache[name].shape == value.shape, name
+        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
+            assert torch.equal(cache[name].isinf(), value.isinf()), name
+            finite = value.isfinite()
+            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
+        else:
+            assert max_diff(cache[name], value) <= 1e-5, name
+    assert max_diff(logits, tl_logits) <= 1e-5
+    return logits, cache, tl_logits

@@ -9,7 +9,7 @@ from torch.func import grad, vmap
 import functional_bridge as fb
 from family_helpers import ALL_VARIANTS, FAMILIES, VOCAB, family_config, make_family, supports
 from functional_bridge.architectures import family_for
-from helpers import max_diff, random_tokens
+from helpers import max_diff, padded_batch, random_tokens
 
 FORCE_EXPLICIT = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)]
 
@@ -42,18 +42,6 @@ def test_logits_equal_hf(family, variant, attn):
         assert max_diff(bridge(tokens, hooks=FORCE_EXPLICIT), expected) <= 1e-5
 
 
-def _padded(lengths, side, seed=0):
-    width = max(lengths)
-    tokens = random_tokens(len(lengths), width, VOCAB, seed=seed)
-    mask = torch.zeros_like(tokens)
-    for row, n in enumerate(lengths):
-        if side == "left":
-            mask[row, width - n :] = 1
-        else:
-            mask[row, :n] = 1
-    return tokens, mask
-
-
 @pytest.mark.parametrize("path", ["sdpa", "explicit"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,7 +50,7 @@ def test_padded_rows_equal_each_row_alone_through_hf(family, side, path):
     HF's for that row run alone (sliding windows included: the rows are 11 > window long)."""
     hf = make_family(family)
     bridge = fb.Bridge.from_hf(hf)
-    tokens, mask = _padded([11, 6, 1, 8], side)
+    tokens, mask = padded_batch(VOCAB, [11, 6, 1, 8], side)
     with torch.no_grad():
         logits = bridge(tokens, attention_mask=mask, hooks=FORCE_EXPLICIT if path == "explicit" else None)
         assert not logits.isnan().any()
@@ -280,7 +268,7 @@ def test_vmap_grad_per_example_equals_a_loop(family):
     computed alone, unpadded."""
     hf = make_family(family)
     params, cfg = _params_cfg(hf)
-    tokens, mask = _padded([9, 4, 7, 2], "left")
+    tokens, mask = padded_batch(VOCAB, [9, 4, 7, 2], "left")
 
     def loss(p, row, row_mask):
         logits = fb.forward(p, row, cfg, attention_mask=row_mask)[0]  # [pos, d_vocab]
@@ -315,7 +303,7 @@ def test_compiled_forward_equals_eager():
     hf = make_family("qwen3", num_hidden_layers=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     params, cfg = _params_cfg(hf)
     assert cfg.attn_types == ("global", "local") and cfg.n_key_value_heads == 2
-    tokens, mask = _padded([9, 6], "left")
+    tokens, mask = padded_batch(VOCAB, [9, 6], "left")
     compiled = torch.compile(fb.forward, fullgraph=True)
     with torch.no_grad():
         eager = fb.forward(params, tokens, cfg, attention_mask=mask)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import functional_bridge as fb
-from helpers import GPT2_SMALL, make_gpt2, max_diff, random_tokens
+from helpers import GPT2_SMALL, make_gpt2, max_diff, padded_batch, random_tokens
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -70,15 +70,7 @@ def _rows_alone(hf, tokens, mask):
 def test_padded_rows_equal_each_row_alone(side, path):
     hf = make_gpt2()
     bridge = fb.Bridge.from_hf(hf)
-    lengths = [11, 6, 1, 8]
-    width = max(lengths)
-    tokens = random_tokens(len(lengths), width, hf.config.vocab_size)
-    mask = torch.zeros_like(tokens)
-    for i, n in enumerate(lengths):
-        if side == "left":
-            mask[i, width - n :] = 1
-        else:
-            mask[i, :n] = 1
+    tokens, mask = padded_batch(hf.config.vocab_size, [11, 6, 1, 8], side)
     hooks = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)] if path == "explicit" else None
     with torch.no_grad():
         logits = bridge(tokens, attention_mask=mask, hooks=hooks)

@@ -6,7 +6,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vmap
 
 import functional_bridge as fb
-from helpers import make_gpt2, max_diff, random_tokens
+from helpers import make_gpt2, max_diff, padded_batch, random_tokens
 
 
 @pytest.fixture(scope="module")
@@ -14,18 +14,6 @@ def model():
     hf = make_gpt2()
     bridge = fb.Bridge.from_hf(hf)
     return {k: v.detach() for k, v in bridge.params.items()}, bridge.cfg
-
-
-def padded_batch(vocab, lengths, side, seed=0):
-    width = max(lengths)
-    tokens = random_tokens(len(lengths), width, vocab, seed=seed)
-    mask = torch.zeros_like(tokens)
-    for row, n in enumerate(lengths):
-        if side == "left":
-            mask[row, width - n :] = 1
-        else:
-            mask[row, :n] = 1
-    return tokens, mask
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

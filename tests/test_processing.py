@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import functional_bridge as fb
 from functional_bridge.architectures import family_for
-from helpers import make_gpt2, max_diff, random_tokens
+from helpers import make_gpt2, max_diff, padding_mask, random_tokens
 from tiny_models import architectures, tiny_model
 
 OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
@@ -28,13 +28,6 @@ COMBOS = {
 
 def storages(params):
     return {value.untyped_storage().data_ptr() for value in params.values()}
-
-
-def left_padded(tokens):
-    mask = torch.ones_like(tokens)
-    for row, n in enumerate([0, 3, 5][: len(tokens)]):
-        mask[row, :n] = 0
-    return mask
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -61,7 +54,7 @@ def test_processing_keeps_log_probs(arch, tie):
     hf = tiny_model(arch, tie_word_embeddings=tie)
     bridge = fb.Bridge.from_hf(hf)
     tokens = random_tokens(3, 12, bridge.cfg.d_vocab)
-    mask = left_padded(tokens)
+    mask = padding_mask([12, 9, 7], "left")
     real = mask.bool()  # a padding query attends to nothing, so its pattern does not sum to 1
     with torch.no_grad():
         expected = hf(tokens).logits.log_softmax(-1)

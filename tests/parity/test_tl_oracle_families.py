@@ -16,7 +16,7 @@ import torch
 import functional_bridge as fb
 from family_helpers import VOCAB, make_family
 from functional_bridge.architectures import family_for
-from helpers import max_diff, random_tokens
+from helpers import assert_caches_equal, max_diff, padding_mask, random_tokens
 
 pytestmark = pytest.mark.oracle
 
@@ -163,18 +163,6 @@ def test_tl_weights_are_differentiable_views_of_the_leaves(family, variant):
     assert grad.abs().sum() == 1
 
 
-def _mask(tokens, padding):
-    if padding is None:
-        return None
-    mask = torch.ones_like(tokens)
-    for row, n in enumerate([0, 3, 5]):
-        if padding == "left":
-            mask[row, :n] = 0
-        elif n:
-            mask[row, -n:] = 0
-    return mask
-
-
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("family,variant", ORACLE_VARIANTS)
 def test_every_cached_activation_equals_hooked_transformer(transformer_lens, family, variant, padding):
@@ -185,22 +173,10 @@ def test_every_cached_activation_equals_hooked_transformer(transformer_lens, fam
     bridge = fb.Bridge.from_hf(hf)
     model = hooked_transformer(hf, transformer_lens)
     tokens = random_tokens(3, 12, VOCAB)
-    mask = _mask(tokens, padding)
-    with torch.no_grad():
-        logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
-        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
+    mask = padding_mask([12, 9, 7], padding) if padding else None
+    logits, cache, tl_logits = assert_caches_equal(bridge, model, tokens, mask)
     assert logits.dtype == tl_logits.dtype == torch.float64
-    assert list(cache) == list(tl_cache.keys())
     assert list(cache) == fb.hook_names(bridge.cfg)
-    for name, value in tl_cache.items():
-        assert cache[name].shape == value.shape, name
-        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
-            assert torch.equal(cache[name].isinf(), value.isinf()), name
-            finite = value.isfinite()
-            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
-        else:
-            assert max_diff(cache[name], value) <= 1e-5, name
-    assert max_diff(logits, tl_logits) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "gptj"])

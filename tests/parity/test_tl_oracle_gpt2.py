@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import functional_bridge as fb
-from helpers import make_gpt2, max_diff, random_tokens
+from helpers import assert_caches_equal, make_gpt2, max_diff, padding_mask, random_tokens
 
 pytestmark = pytest.mark.oracle
 
@@ -79,29 +79,9 @@ def test_every_cached_activation_equals_hooked_transformer(transformer_lens, pad
     bridge = fb.Bridge.from_hf(hf)
     model = hooked_transformer(hf, transformer_lens)
     tokens = random_tokens(3, 12, hf.config.vocab_size)
-    mask = None
-    if padding:
-        mask = torch.ones_like(tokens)
-        pads = [0, 3, 5]
-        for row, n in enumerate(pads):
-            if padding == "left":
-                mask[row, :n] = 0
-            elif n:
-                mask[row, -n:] = 0
-    with torch.no_grad():
-        logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
-        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
-    assert list(cache) == list(tl_cache.keys())
+    mask = padding_mask([12, 9, 7], padding) if padding else None
+    _, cache, _ = assert_caches_equal(bridge, model, tokens, mask)
     assert list(cache) == fb.hook_names(bridge.cfg)
-    for name, value in tl_cache.items():
-        assert cache[name].shape == value.shape, name
-        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
-            assert torch.equal(cache[name].isinf(), value.isinf()), name
-            finite = value.isfinite()
-            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
-        else:
-            assert max_diff(cache[name], value) <= 1e-5, name
-    assert max_diff(logits, tl_logits) <= 1e-5
 
 
 def test_run_with_hooks_edits_like_hooked_transformer(transformer_lens):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import functional_bridge as fb
-from helpers import make_gpt2, max_diff, random_tokens
+from helpers import assert_caches_equal, make_gpt2, max_diff, padding_mask, random_tokens
 from test_tl_oracle_gpt2 import tl_config, tl_conversion
 from tiny_models import architectures, tiny_model
 
@@ -87,22 +87,6 @@ def hooked_attribute(model, key: str):
     return obj
 
 
-def assert_caches_equal(processed, model, tokens, mask) -> None:
-    with torch.no_grad():
-        logits, cache = processed.run_with_cache(tokens, attention_mask=mask)
-        tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
-    assert list(cache) == list(tl_cache.keys())
-    for name, value in tl_cache.items():
-        assert cache[name].shape == value.shape, name
-        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
-            assert torch.equal(cache[name].isinf(), value.isinf()), name
-            finite = value.isfinite()
-            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
-        else:
-            assert max_diff(cache[name], value) <= 1e-5, name
-    assert max_diff(logits, tl_logits) <= 1e-5
-
-
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("combo", COMBOS)
 @pytest.mark.parametrize("arch", architectures())
@@ -123,9 +107,7 @@ def test_processed_model_equals_hooked_transformers(transformer_lens, arch, comb
     model = processed_hooked_transformer(hf, transformer_lens, **options)
     assert_weights_equal(fb.tl_weights(processed.params, processed.cfg), model.state_dict(), model)
     tokens = random_tokens(3, 12, bridge.cfg.d_vocab)
-    mask = torch.ones_like(tokens)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
+    mask = padding_mask([12, 9, 7], "left")
     assert_caches_equal(processed, model, tokens, None)
     assert_caches_equal(processed, model, tokens, mask)
 
