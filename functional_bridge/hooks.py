@@ -3,7 +3,15 @@
 A hook is TransformerLens's: ``fn(activation, hook) -> activation or None`` where ``hook.name``
 is the hook point's name; a returned tensor replaces the activation downstream. Hooks live only
 for the call they are passed to (nothing is registered on an object), which is what lets a
-hooked forward run inside vmap, grad and torch.compile.
+hooked forward run inside vmap, grad and torch.compile. A backward hook ``fn(grad, hook) -> grad
+or None`` becomes an autograd hook on that call's activation (a returned tensor replaces the
+gradient flowing back), so it too belongs to that call only.
+
+Optional hook points: HookedTransformer computes ``hook_attn_in``, ``hook_q_input`` /
+``hook_k_input`` / ``hook_v_input``, ``attn.hook_result`` and ``hook_mlp_in`` only behind config
+flags. Here they exist whenever a hook (or a cache filter naming them) asks for them, and cost
+nothing otherwise; predicates and ``names_filter=None`` see them when the caller passes the
+flags (``optional=``), as TransformerLens's ``set_use_attn_result`` etc. do.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Callable, Collection, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -21,17 +29,20 @@ from .config import BridgeConfig
 HookFn = Callable[[Tensor, "HookPoint"], Union[Tensor, None]]
 NameOrFilter = Union[str, Callable[[str], bool]]
 
-# TransformerLens hook points that HookedTransformer only creates behind options we do not
-# emulate, with what to use instead.
-_TL_OPTIONAL_HOOKS = {
-    "hook_result": "per-head outputs are hook_z @ W_O: use ActivationCache.stack_head_results",
-    "hook_attn_in": "the attention input is ln1.hook_normalized scaled by ln1.w and ln1.b",
-    "hook_q_input": "the attention input is ln1.hook_normalized scaled by ln1.w and ln1.b",
-    "hook_k_input": "the attention input is ln1.hook_normalized scaled by ln1.w and ln1.b",
-    "hook_v_input": "the attention input is ln1.hook_normalized scaled by ln1.w and ln1.b",
-    "hook_mlp_in": "the MLP input is ln2.hook_normalized scaled by ln2.w and ln2.b",
-    "hook_tokens": "tokens are the forward's input",
+# HookedTransformer's config flags -> the per-block hook points each one switches on.
+OPTIONAL_HOOKS = {
+    "use_attn_in": ("hook_attn_in",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_attn_result": ("attn.hook_result",),
+    "use_hook_mlp_in": ("hook_mlp_in",),
 }
+# TransformerLens hook points not provided, with what to use instead.
+_NOT_PROVIDED = {"hook_tokens": "tokens are the forward's input"}
+_ATTN_IN_GQA = (
+    "hook_attn_in feeds one copy of the residual to every head, which grouped-query attention "
+    "(n_key_value_heads < n_heads) cannot take (TransformerLens refuses it too): use "
+    "hook_q_input / hook_k_input / hook_v_input"
+)
 
 
 class HookPoint:
@@ -58,6 +69,10 @@ class LayerHookNames:
     """The hook point names of block ``i`` (fields that do not apply to a config are None)."""
 
     resid_pre: str
+    attn_in: str | None  # optional hook points (OPTIONAL_HOOKS) hold their names but are left
+    q_input: str | None  # out of in_order() unless their flag is asked for
+    k_input: str | None
+    v_input: str | None
     ln1_scale: str
     ln1_normalized: str
     q: str
@@ -72,8 +87,10 @@ class LayerHookNames:
     attn_scores: str
     pattern: str
     z: str
+    result: str
     attn_out: str
     resid_mid: str | None
+    mlp_in: str
     ln2_scale: str
     ln2_normalized: str
     mlp_pre: str
@@ -82,9 +99,23 @@ class LayerHookNames:
     mlp_out: str
     resid_post: str
 
-    def in_order(self) -> list[str]:
-        """Names in execution order (the order HookedTransformer fills its cache)."""
-        return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name)]
+    def in_order(self, optional: Collection[str] = ()) -> list[str]:
+        """Names in execution order (the order HookedTransformer fills its cache), with the
+        optional hook points of the given flags (OPTIONAL_HOOKS keys)."""
+        wanted = {suffix for flag in optional for suffix in OPTIONAL_HOOKS[flag]}
+        names = []
+        for f in fields(self):
+            name = getattr(self, f.name)
+            if name and (f.name not in _OPTIONAL_FIELDS or name.split(".", 2)[2] in wanted):
+                names.append(name)
+        return names
+
+    def optional(self) -> list[str]:
+        """Every optional hook point this block can provide."""
+        return [getattr(self, name) for name in _OPTIONAL_FIELDS if getattr(self, name)]
+
+
+_OPTIONAL_FIELDS = ("attn_in", "q_input", "k_input", "v_input", "result", "mlp_in")
 
 
 def _memoized(fn):
@@ -104,8 +135,13 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     p = f"blocks.{layer}."
     rotary = cfg.positional_embedding_type == "rotary"
     qk = cfg.use_qk_norm
+    grouped = cfg.n_kv_heads != cfg.n_heads
     return LayerHookNames(
         resid_pre=p + "hook_resid_pre",
+        attn_in=None if grouped else p + "hook_attn_in",
+        q_input=p + "hook_q_input",
+        k_input=p + "hook_k_input",
+        v_input=p + "hook_v_input",
         ln1_scale=p + "ln1.hook_scale",
         ln1_normalized=p + "ln1.hook_normalized",
         q=p + "attn.hook_q",
@@ -120,8 +156,10 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
         attn_scores=p + "attn.hook_attn_scores",
         pattern=p + "attn.hook_pattern",
         z=p + "attn.hook_z",
+        result=p + "attn.hook_result",
         attn_out=p + "hook_attn_out",
         resid_mid=None if cfg.parallel_attn_mlp else p + "hook_resid_mid",
+        mlp_in=p + "hook_mlp_in",
         ln2_scale=p + "ln2.hook_scale",
         ln2_normalized=p + "ln2.hook_normalized",
         mlp_pre=p + "mlp.hook_pre",
@@ -132,29 +170,46 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     )
 
 
+def _optional_flags(optional: Collection[str]) -> frozenset[str]:
+    flags = frozenset(optional)
+    unknown = flags - set(OPTIONAL_HOOKS)
+    if unknown:
+        raise ValueError(f"unknown optional hook flags {sorted(unknown)}; known: {sorted(OPTIONAL_HOOKS)}")
+    return flags
+
+
 @_memoized
-def _hook_names(cfg: BridgeConfig) -> tuple[str, ...]:
+def _hook_names(cfg: BridgeConfig, optional: frozenset[str] = frozenset()) -> tuple[str, ...]:
     names = ["hook_embed"]
     if cfg.positional_embedding_type == "standard":
         names.append("hook_pos_embed")
     for layer in range(cfg.n_layers):
-        names.extend(layer_hook_names(cfg, layer).in_order())
+        names.extend(layer_hook_names(cfg, layer).in_order(optional))
     names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
     return tuple(names)
 
 
-def hook_names(cfg: BridgeConfig) -> list[str]:
-    """Every hook point of a model with this config, in execution order."""
-    return list(_hook_names(cfg))
+@_memoized
+def _valid_names(cfg: BridgeConfig) -> frozenset[str]:
+    """Every name a hook may be attached to: the default hook points and the optional ones."""
+    return frozenset(_hook_names(cfg, frozenset(OPTIONAL_HOOKS)))
+
+
+def hook_names(cfg: BridgeConfig, optional: Collection[str] = ()) -> list[str]:
+    """Every hook point of a model with this config, in execution order; ``optional`` adds the
+    hook points of those HookedTransformer flags (OPTIONAL_HOOKS keys, e.g. "use_attn_result")."""
+    return list(_hook_names(cfg, _optional_flags(optional)))
 
 
 def unknown_hook_error(name: str, cfg: BridgeConfig) -> KeyError:
     """A KeyError naming an unknown hook point, with the closest valid names."""
     message = f"unknown hook point {name!r} for this {cfg.original_architecture} model"
     suffix = name.rsplit(".", 1)[-1]
-    if suffix in _TL_OPTIONAL_HOOKS:
-        message += f" ({suffix} is a TransformerLens option not provided: {_TL_OPTIONAL_HOOKS[suffix]})"
-    close = difflib.get_close_matches(name, _hook_names(cfg), n=5, cutoff=0.6)
+    if suffix in _NOT_PROVIDED:
+        message += f" ({suffix} is a TransformerLens hook point not provided: {_NOT_PROVIDED[suffix]})"
+    elif suffix == "hook_attn_in" and cfg.n_kv_heads != cfg.n_heads:
+        message += f" ({_ATTN_IN_GQA})"
+    close = difflib.get_close_matches(name, sorted(_valid_names(cfg)), n=5, cutoff=0.6)
     if close:
         message += f"; closest names: {', '.join(close)}"
     else:
@@ -162,15 +217,19 @@ def unknown_hook_error(name: str, cfg: BridgeConfig) -> KeyError:
     return KeyError(message)
 
 
-def select_names(cfg: BridgeConfig, name_or_filter: NameOrFilter | Sequence[str] | None) -> list[str]:
-    """Hook names chosen by a name, a list of names, a predicate, or None (all of them)."""
-    all_names = _hook_names(cfg)
+def select_names(
+    cfg: BridgeConfig, name_or_filter: NameOrFilter | Sequence[str] | None, optional: Collection[str] = ()
+) -> list[str]:
+    """Hook names chosen by a name, a list of names, a predicate, or None (all of them).
+
+    A name or list may name an optional hook point (``attn.hook_result``...) at any time; a
+    predicate or None sees the optional hook points of the ``optional`` flags only."""
     if name_or_filter is None:
-        return list(all_names)
+        return list(_hook_names(cfg, _optional_flags(optional)))
     if callable(name_or_filter):
-        return [name for name in all_names if name_or_filter(name)]
+        return [name for name in _hook_names(cfg, _optional_flags(optional)) if name_or_filter(name)]
     requested = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
-    valid = set(all_names)
+    valid = _valid_names(cfg)
     for name in requested:
         if not isinstance(name, str):
             raise TypeError(f"hook names must be strings, got {type(name).__name__}: {name!r}")
@@ -180,64 +239,115 @@ def select_names(cfg: BridgeConfig, name_or_filter: NameOrFilter | Sequence[str]
 
 
 class HookSet:
-    """Hook functions by hook point name, resolved once per forward call."""
+    """Forward and backward hook functions by hook point name, resolved once per forward call.
 
-    __slots__ = ("_table", "_points")
+    ``points`` may give the object each hook function receives as ``hook`` (the Bridge facade
+    passes its registered hook points, with their ``ctx``); by default a HookPoint."""
 
-    def __init__(self, table: Mapping[str, Sequence[HookFn]] | None = None):
+    __slots__ = ("_table", "_bwd", "_points")
+
+    def __init__(
+        self,
+        table: Mapping[str, Sequence[HookFn]] | None = None,
+        bwd: Mapping[str, Sequence[HookFn]] | None = None,
+        points: Mapping[str, object] | None = None,
+    ):
         self._table = {name: tuple(fns) for name, fns in (table or {}).items() if fns}
-        self._points = {name: HookPoint(name) for name in self._table}
+        self._bwd = {name: tuple(fns) for name, fns in (bwd or {}).items() if fns}
+        points = points or {}
+        self._points = {name: points.get(name) or HookPoint(name) for name in {**self._table, **self._bwd}}
 
     def wants(self, name: str | None) -> bool:
-        return name in self._table
+        """Whether a forward or backward hook is attached at name (so it must be computed)."""
+        return name in self._table or name in self._bwd
 
     def __bool__(self) -> bool:
-        return bool(self._table)
+        return bool(self._table) or bool(self._bwd)
 
     def names(self) -> list[str]:
-        return list(self._table)
+        return list({**self._table, **self._bwd})
 
     def appended(self, names: Iterable[str], fn: HookFn) -> "HookSet":
-        """A new HookSet that also calls fn, after the existing hooks, at each of names."""
+        """A new HookSet that also calls fn, after the existing forward hooks, at each of names."""
         table = {name: list(fns) for name, fns in self._table.items()}
         for name in names:
             table.setdefault(name, []).append(fn)
-        return HookSet(table)
+        return HookSet(table, self._bwd, self._points)
 
     def __call__(self, name: str | None, activation: Tensor) -> Tensor:
         fns = self._table.get(name)
-        if fns is None:
-            return activation
-        point = self._points[name]
+        if fns is not None:
+            activation = _run_forward_hooks(name, activation, fns, self._points[name])
+        bwd = self._bwd.get(name)
+        if bwd is not None and activation.requires_grad:
+            activation.register_hook(_backward_hook(name, activation, bwd, self._points[name]))
+        return activation
+
+
+def _run_forward_hooks(name: str, activation: Tensor, fns: Sequence[HookFn], point) -> Tensor:
+    for fn in fns:
+        result = fn(activation, point)
+        if result is None:
+            continue
+        if not isinstance(result, Tensor):
+            raise TypeError(
+                f"hook on {name!r} returned {type(result).__name__}; a hook returns a tensor "
+                "that replaces the activation, or None"
+            )
+        if result.shape != activation.shape:
+            raise ValueError(
+                f"hook on {name!r} returned shape {tuple(result.shape)}, "
+                f"but the activation has shape {tuple(activation.shape)}"
+            )
+        activation = result
+    return activation
+
+
+def _backward_hook(name: str, activation: Tensor, fns: Sequence[HookFn], point):
+    """An autograd tensor hook running TransformerLens backward hooks: each gets the gradient of
+    the activation and may return a replacement (a tensor or a 1-tuple, as TL allows); as in TL,
+    each sees the incoming gradient and the last replacement wins."""
+    shape = activation.shape
+
+    def on_grad(grad: Tensor):
+        replacement = None
         for fn in fns:
-            result = fn(activation, point)
+            result = fn(grad, point)
+            if isinstance(result, tuple) and len(result) == 1:
+                result = result[0]
             if result is None:
                 continue
-            if not isinstance(result, Tensor):
-                raise TypeError(
-                    f"hook on {name!r} returned {type(result).__name__}; a hook returns a tensor "
-                    "that replaces the activation, or None"
-                )
-            if result.shape != activation.shape:
-                raise ValueError(
-                    f"hook on {name!r} returned shape {tuple(result.shape)}, "
-                    f"but the activation has shape {tuple(activation.shape)}"
-                )
-            activation = result
-        return activation
+            if not isinstance(result, Tensor) or result.shape != shape:
+                got = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+                raise ValueError(f"backward hook on {name!r} returned {got}; it must return a gradient of shape {tuple(shape)} or None")
+            replacement = result
+        return replacement
+
+    return on_grad
 
 
 NO_HOOKS = HookSet()
 
 
 def resolve_hooks(
-    cfg: BridgeConfig, hooks: HookSet | Iterable[tuple[NameOrFilter, HookFn]] | None
+    cfg: BridgeConfig,
+    hooks: HookSet | Iterable[tuple[NameOrFilter, HookFn]] | None,
+    bwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+    optional: Collection[str] = (),
 ) -> HookSet:
-    """Turn ``[(name or predicate, fn), ...]`` into a HookSet, checking every name."""
-    if hooks is None:
+    """Turn ``[(name or predicate, fn), ...]`` (and backward hooks alike) into a HookSet,
+    checking every name; predicates see the optional hook points of ``optional`` flags."""
+    bwd_hooks = list(bwd_hooks or ())
+    if hooks is None and not bwd_hooks:
         return NO_HOOKS
     if isinstance(hooks, HookSet):
+        if bwd_hooks:
+            raise TypeError("pass backward hooks inside the HookSet when hooks is a HookSet")
         return hooks
+    return HookSet(_table(cfg, hooks or (), optional), _table(cfg, bwd_hooks, optional))
+
+
+def _table(cfg: BridgeConfig, hooks: Iterable, optional: Collection[str]) -> dict[str, list[HookFn]]:
     table: dict[str, list[HookFn]] = {}
     for entry in hooks:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
@@ -245,6 +355,6 @@ def resolve_hooks(
         name_or_filter, fn = entry
         if not callable(fn):
             raise TypeError(f"hook function for {name_or_filter!r} is not callable: {fn!r}")
-        for name in select_names(cfg, name_or_filter):
+        for name in select_names(cfg, name_or_filter, optional):
             table.setdefault(name, []).append(fn)
-    return HookSet(table)
+    return table

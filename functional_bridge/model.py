@@ -9,7 +9,7 @@ they are forward with hooks; hooks.py stays free of the model.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from .components.attention import (
     project_qkv,
 )
 from .components.embed import embed_tokens, learned_positions, position_ids
+from .components.head_inputs import HeadInputs, head_inputs, head_results, mlp_input, project_head_inputs
 from .components.linear import affine
 from .components.mlp import mlp
 from .components.norms import Norm, apply_norm
@@ -43,15 +44,26 @@ def forward(
     *,
     attention_mask: Tensor | None = None,
     hooks: Hooks | HookSet | None = None,
+    bwd_hooks: Hooks = (),
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    optional_hooks: Collection[str] = (),
 ) -> Tensor:
     """Logits [batch, pos, d_vocab_out] for tokens [batch, pos] (a 1-D tokens gets batch 1).
 
     attention_mask [batch, pos] marks real tokens (1) and padding (0), on either side: positions
     count real tokens only, so each row's logits at its real positions equal that row run alone.
-    hooks: ``[(name or predicate, fn), ...]``, TransformerLens hook functions.
+    hooks: ``[(name or predicate, fn), ...]``, TransformerLens hook functions; bwd_hooks alike,
+    ``fn(grad, hook) -> grad or None``, attached to this call's activations as autograd hooks.
+    optional_hooks: HookedTransformer flags (``"use_attn_result"``...) whose optional hook points
+    predicates may select. start_at_layer / stop_at_layer as HookedTransformer's (Python slice
+    semantics over the blocks, negative allowed): with start_at_layer, ``tokens`` is the residual
+    stream [batch, pos, d_model] entering that block; with stop_at_layer, the residual stream
+    leaving block stop_at_layer - 1 is returned instead of logits.
     """
-    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
-    return transformer(params, tokens, cfg, attention_mask, resolve_hooks(cfg, hooks))
+    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask, residual=start_at_layer is not None)
+    hooks = resolve_hooks(cfg, hooks, bwd_hooks, optional_hooks)
+    return transformer(params, tokens, cfg, attention_mask, hooks, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
 
 
 def run_with_hooks(
@@ -60,10 +72,18 @@ def run_with_hooks(
     cfg: BridgeConfig,
     *,
     fwd_hooks: Hooks = (),
+    bwd_hooks: Hooks = (),
     attention_mask: Tensor | None = None,
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    optional_hooks: Collection[str] = (),
 ) -> Tensor:
-    """forward with TransformerLens-style ``fwd_hooks=[(name or predicate, fn)]``."""
-    return forward(params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks)
+    """forward with TransformerLens-style ``fwd_hooks=[(name or predicate, fn)]`` (and
+    ``bwd_hooks``, attached to this call's activations)."""
+    return forward(
+        params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks, bwd_hooks=bwd_hooks,
+        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, optional_hooks=optional_hooks,
+    )  # fmt: skip
 
 
 def run_with_cache(
@@ -75,29 +95,38 @@ def run_with_cache(
     attention_mask: Tensor | None = None,
     fwd_hooks: Hooks = (),
     detach: bool = False,
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    optional_hooks: Collection[str] = (),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(logits, cache): cache maps each hook name chosen by names_filter (a name, a list of
     names, a predicate, or None for all) to its activation, in execution order. fwd_hooks run
     before caching, so the cache shows edited activations. The cache is returned, never stored:
     this works inside vmap and grad. detach=True detaches the cached tensors (TransformerLens's
-    behaviour); the default keeps them differentiable."""
-    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    behaviour); the default keeps them differentiable. A name list may name optional hook
+    points (``blocks.0.attn.hook_result``); a predicate or None includes those of the
+    ``optional_hooks`` flags. start_at_layer / stop_at_layer as in forward."""
+    tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask, residual=start_at_layer is not None)
     cache: dict[str, Tensor] = {}
 
     def save(activation: Tensor, hook) -> None:
         cache[hook.name] = activation.detach() if detach else activation
 
-    hooks = resolve_hooks(cfg, fwd_hooks).appended(select_names(cfg, names_filter), save)
-    logits = transformer(params, tokens, cfg, attention_mask, hooks)
+    names = select_names(cfg, names_filter, optional_hooks)
+    hooks = resolve_hooks(cfg, fwd_hooks, (), optional_hooks).appended(names, save)
+    logits = transformer(params, tokens, cfg, attention_mask, hooks, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
     return logits, cache
 
 
 def check_inputs(
-    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None
+    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None, residual: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Validate params, tokens and mask; return them as [batch, pos]. Raises before any work."""
+    """Validate params, tokens and mask; return them as [batch, pos]. Raises before any work.
+    residual=True: ``tokens`` is a residual stream [batch, pos, d_model] (start_at_layer)."""
     check_params(params, cfg)
     device = params_device(params)
+    if residual:
+        return _check_residual(tokens, cfg, attention_mask, device)
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -129,6 +158,32 @@ def check_inputs(
     return tokens, attention_mask
 
 
+def _check_residual(resid: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None, device) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(resid, Tensor) or not resid.is_floating_point():
+        got = resid.dtype if isinstance(resid, Tensor) else type(resid).__name__
+        raise TypeError(f"with start_at_layer the input is the residual stream, a float tensor [batch, pos, d_model]; got {got}")
+    if resid.dim() == 2:
+        resid = resid[None]
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    if resid.dim() != 3 or resid.shape[-1] != cfg.d_model:
+        raise ValueError(f"with start_at_layer the input must be [batch, pos, d_model={cfg.d_model}], got {tuple(resid.shape)}")
+    if resid.device != device:
+        raise ValueError(f"the residual input is on {resid.device} but params are on {device}")
+    if resid.shape[1] > cfg.n_ctx:
+        raise ValueError(f"sequence length {resid.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}")
+    if attention_mask is not None and attention_mask.shape != resid.shape[:2]:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the residual input {tuple(resid.shape[:2])} positions")
+    return resid, attention_mask
+
+
+def layer_range(cfg: BridgeConfig, start_at_layer: int | None, stop_at_layer: int | None) -> range:
+    """The blocks a forward runs: HookedTransformer's ``blocks[start_at_layer:stop_at_layer]``."""
+    for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+        if value is not None and not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    return range(cfg.n_layers)[start_at_layer:stop_at_layer]
+
+
 def _values_readable(tensor: Tensor) -> bool:
     """True outside torch.compile and functorch transforms, where a value check is allowed."""
     if torch.compiler.is_compiling():
@@ -137,23 +192,42 @@ def _values_readable(tensor: Tensor) -> bool:
 
 
 def transformer(
-    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None, hooks: HookSet
-) -> Tensor:
-    """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out]."""
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    attention_mask: Tensor | None,
+    hooks: HookSet,
+    *,
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    unembed: bool = True,
+) -> Tensor | None:
+    """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
+    With start_at_layer, tokens is the residual stream [batch, pos, d_model] entering that block;
+    with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
+    stops after ln_final and returns None (HookedTransformer's return_type=None)."""
     family = family_for(cfg)
-    batch, seq = tokens.shape
-    positions = position_ids(attention_mask, seq, tokens.device)  # [batch or 1, pos]
-    resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
+    batch, seq = tokens.shape[:2]
+    device = tokens.device
+    positions = position_ids(attention_mask, seq, device)  # [batch or 1, pos]
+    if start_at_layer is None:
+        resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
+    else:
+        resid = tokens  # [batch, pos, d_model]
     rotary = rotary_tables(positions, cfg, resid.dtype) if cfg.positional_embedding_type == "rotary" else None
     masks = {}  # one mask per distinct window span, shared by the layers that use it
     in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
-    for layer in range(cfg.n_layers):
+    for layer in layer_range(cfg, start_at_layer, stop_at_layer):
         window = cfg.layer_window(layer)
         if window not in masks:
-            masks[window] = build_attention_mask(seq, attention_mask, tokens.device, window, in_transform)
+            masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
         resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary)
+    if stop_at_layer is not None:
+        return resid
     final = family.unembed_weights(params, cfg)
     x = apply_norm(resid, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
+    if not unembed:
+        return None
     x = hooks("unembed.hook_in", x)
     return hooks("unembed.hook_out", affine(x, final.unembed))
 
@@ -181,14 +255,19 @@ def block(
     """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]."""
     names = layer_hook_names(cfg, layer)
     resid = hooks(names.resid_pre, resid)
-    x = apply_norm(resid, w.ln1, cfg.eps, hooks, names.ln1_scale, names.ln1_normalized)
+    # per-head inputs only when hook_attn_in / hook_q_input... is hooked (components/head_inputs.py)
+    x = head_inputs(resid, w.ln1, cfg.eps, cfg.n_heads, cfg.n_kv_heads, hooks, names)
+    if x is None:
+        x = apply_norm(resid, w.ln1, cfg.eps, hooks, names.ln1_scale, names.ln1_normalized)
     attn_out = hooks(names.attn_out, _attention(x, w, cfg, layer, mask, hooks, names, rotary))
     if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
-        x2 = x if w.ln2 is None and not _hooks_on_norms(hooks, names) else _ln2_parallel(resid, w, cfg, hooks, names)
+        mlp_in = mlp_input(resid, hooks, names.mlp_in)
+        reuse = w.ln2 is None and isinstance(x, Tensor) and mlp_in is resid and not _hooks_on_norms(hooks, names)
+        x2 = x if reuse else _ln2_parallel(mlp_in, w, cfg, hooks, names)
         mlp_out = hooks(names.mlp_out, mlp(x2, w.mlp, cfg.act_fn, hooks, names))
         return hooks(names.resid_post, resid + attn_out + mlp_out)
     resid = hooks(names.resid_mid, resid + attn_out)
-    x = apply_norm(resid, w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
+    x = apply_norm(mlp_input(resid, hooks, names.mlp_in), w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
     mlp_out = hooks(names.mlp_out, mlp(x, w.mlp, cfg.act_fn, hooks, names))
     return hooks(names.resid_post, resid + mlp_out)
 
@@ -212,10 +291,13 @@ def _head_norm(x: Tensor, norm: Norm, eps: float, hooks: HookSet, scale_name, no
 
 
 def _attention(
-    x: Tensor, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names, rotary: Rotary | None
+    x: Tensor | HeadInputs, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names, rotary: Rotary | None
 ) -> Tensor:
-    """[batch, pos, d_model] -> attention output [batch, pos, d_model]."""
-    q, k, v = project_qkv(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)  # [batch, pos, head, d_head]
+    """[batch, pos, d_model] (or per-head inputs) -> attention output [batch, pos, d_model]."""
+    if isinstance(x, HeadInputs):
+        q, k, v = project_head_inputs(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)
+    else:
+        q, k, v = project_qkv(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)  # [batch, pos, head, d_head]
     q, k, v = hooks(names.q, q), hooks(names.k, k), hooks(names.v, v)
     if w.attn.q_norm is not None:
         q = _head_norm(q, w.attn.q_norm, cfg.eps, hooks, names.q_norm_scale, names.q_norm_normalized)
@@ -225,4 +307,7 @@ def _attention(
         k = hooks(names.rot_k, apply_rotary(k, rotary))
     scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
     z = attend(q, k, v, mask, scale, hooks, names)
+    if hooks.wants(names.result):  # HookedTransformer's use_attn_result
+        result = hooks(names.result, head_results(z, w.attn.o))  # [batch, pos, head, d_model]
+        return result.sum(-2) if w.attn.o.bias is None else result.sum(-2) + w.attn.o.bias
     return attention_output(z, w.attn.o)

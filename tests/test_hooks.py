@@ -86,8 +86,8 @@ def test_unknown_hook_name_names_the_closest(model):
     tokens = random_tokens(1, 5, bridge.cfg.d_vocab)
     with pytest.raises(KeyError, match=r"blocks\.0\.attn\.hook_pattern"):
         bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_patern", lambda x, h: None)])
-    with pytest.raises(KeyError, match="stack_head_results"):
-        bridge.run_with_cache(tokens, names_filter="blocks.0.attn.hook_result")
+    with pytest.raises(KeyError, match="not provided: tokens are the forward's input"):
+        bridge.run_with_cache(tokens, names_filter="hook_tokens")
 
 
 def test_hook_returning_wrong_shape_is_named(model):
