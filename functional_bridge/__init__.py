@@ -11,6 +11,7 @@ from .bridge import Bridge
 from .config import BridgeConfig
 from .editing import set_tl_weights
 from . import patching
+from . import utils
 from .func import activation_grads, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
 from .model import forward, run_with_cache, run_with_hooks
@@ -34,6 +35,7 @@ __all__ = [
     "activation_grads",
     "next_token_loss",
     "patching",
+    "utils",
     "per_example_grads",
     "with_activation",
     "check_params",

@@ -5,32 +5,39 @@ that register the HF model's own Parameter objects, in HF's order. ``bridge.para
 live from that tree, so ``torch.func.functional_call(bridge, params, ...)``, optimizers,
 ``load_state_dict`` and ``to()`` all act on the one copy of the truth, and the TL view
 (``tl_parameters()``, ``W_Q``...) is recomputed from it on every access.
+
+HookedTransformer's interface (forward's TL arguments, text, the stateful hook API, run_with_cache,
+``bridge.cfg``'s TL fields, ``bridge.blocks[i]`` views) comes from the TLFacade mixin
+(``tl_compat/``), which keeps TL's model state on the facade and passes it to the pure functions.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .analysis import ActivationCache, FactoredMatrix, all_composition_scores, ov_circuit, qk_circuit
+from .analysis import FactoredMatrix, all_composition_scores, ov_circuit, qk_circuit
 from .architectures import config_from_hf, family_for, family_for_architecture
 from .config import BridgeConfig
 from .hf_io import build_hf_model, hf_params, load_hf_model
 from .hooks import hook_names
-from .model import forward, run_with_cache, run_with_hooks
 from .params import ParamsStructureError, check_params, params_device, params_dtype
+from .tl_compat import TLFacade
+from .tl_compat.config import plain_config
 from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weights
 
 
-class Bridge(nn.Module):
+class Bridge(TLFacade, nn.Module):
     """An HF causal LM as one pytree of HF leaves, with TransformerLens's view of it."""
 
-    def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None):
+    def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None, tokenizer=None,
+                 default_prepend_bos: bool | None = None, default_padding_side: str | None = None):  # fmt: skip
         super().__init__()
+        cfg = plain_config(cfg)
         check_params(params, cfg)
         params_device(params)
         self.cfg = cfg
@@ -38,17 +45,20 @@ class Bridge(nn.Module):
         for name, tensor in params.items():
             _register_leaf(self, name, tensor)
         self.register_state_dict_post_hook(_add_tied_aliases)
+        self._init_tl(tokenizer, default_prepend_bos, default_padding_side)
 
     # construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, model: nn.Module) -> "Bridge":
-        """Adopt an HF model's own tensors (zero copy): training either trains both."""
+    def from_hf(cls, model: nn.Module, tokenizer=None, **tl_defaults) -> "Bridge":
+        """Adopt an HF model's own tensors (zero copy): training either trains both. tokenizer:
+        an HF tokenizer for the text methods; tl_defaults: default_prepend_bos (None: as
+        HookedTransformer for this architecture), default_padding_side."""
         family_for_architecture(type(model).__name__)  # clear error for unsupported classes
-        return cls(hf_params(model), config_from_hf(model.config), copy.deepcopy(model.config))
+        return cls(hf_params(model), config_from_hf(model.config), copy.deepcopy(model.config), tokenizer, **tl_defaults)
 
     @classmethod
-    def from_config(cls, hf_config, seed: int = 0) -> "Bridge":
+    def from_config(cls, hf_config, seed: int = 0, tokenizer=None, **tl_defaults) -> "Bridge":
         """A randomly initialised model (HF's own init, seeded) from an HF config."""
         import transformers
 
@@ -56,12 +66,16 @@ class Bridge(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        return cls.from_hf(model)
+        return cls.from_hf(model, tokenizer, **tl_defaults)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "Bridge":
-        """HF's from_pretrained (a hub name or a local directory), adopted."""
-        return cls.from_hf(load_hf_model(name_or_path, dtype=dtype, device=device))
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None, tokenizer=None,
+                        **tl_defaults) -> "Bridge":  # fmt: skip
+        """HF's from_pretrained (a hub name or a local directory), adopted, with the tokenizer
+        saved beside it (AutoTokenizer.from_pretrained; none if there is none to load) unless
+        one is given."""
+        model = load_hf_model(name_or_path, dtype=dtype, device=device)
+        return cls.from_hf(model, tokenizer if tokenizer is not None else load_tokenizer(name_or_path), **tl_defaults)
 
     def to_hf(self) -> nn.Module:
         """An HF model holding this bridge's current tensors (shared, not copied)."""
@@ -79,6 +93,9 @@ class Bridge(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return params_dtype(self.params)
+
+    def _register_leaf(self, name: str, tensor: Tensor) -> None:
+        _register_leaf(self, name, tensor)
 
     @property
     def device(self) -> torch.device:
@@ -138,31 +155,6 @@ class Bridge(nn.Module):
         n_heads], zero unless the second head's layer is later (as HookedTransformer's)."""
         return all_composition_scores(self.params, self.cfg, mode)
 
-    # running ----------------------------------------------------------------------------------
-
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None) -> Tensor:
-        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``."""
-        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks)
-
-    def run_with_cache(
-        self,
-        tokens: Tensor,
-        names_filter: str | Sequence[str] | None = None,
-        attention_mask: Tensor | None = None,
-        fwd_hooks=(),
-        detach: bool = True,
-    ):
-        """(logits, ActivationCache). Detaches the cache by default, as TransformerLens does.
-        The cache's analyses read this bridge's parameters when they are called."""
-        logits, cache = run_with_cache(
-            self.params, tokens, self.cfg, names_filter=names_filter,
-            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach,
-        )  # fmt: skip
-        return logits, ActivationCache(cache, self)
-
-    def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
-        return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
-
     # processing and TL edits ------------------------------------------------------------------
 
     def processed(
@@ -190,7 +182,10 @@ class Bridge(nn.Module):
             name: nn.Parameter(value, requires_grad=own[name].requires_grad if name in own else trainable)
             for name, value in params.items()
         }  # fmt: skip
-        return Bridge(leaves, self.cfg, copy.deepcopy(self.hf_config))
+        processed = Bridge(leaves, self.cfg, copy.deepcopy(self.hf_config))
+        processed.tokenizer, processed._tl = self.tokenizer, copy.copy(self._tl)
+        processed._weights_processed = True
+        return processed
 
     def set_tl_weights(self, updates: Mapping[str, Tensor]) -> None:
         """Write TL-named values (``{"blocks.0.attn.W_O": value}``) into the leaves, in place and
@@ -232,13 +227,22 @@ def _register_leaf(root: nn.Module, name: str, tensor: Tensor) -> None:
     module = root
     for part in path:
         child = module._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            module.add_module(part, child)
+        if child is None:  # not add_module: a root container may share a facade view's name (unembed)
+            child = module._modules[part] = nn.Module()
         module = child
     if not isinstance(tensor, nn.Parameter):
         tensor = nn.Parameter(tensor, requires_grad=tensor.requires_grad)
     module.register_parameter(leaf, tensor)
+
+
+def load_tokenizer(name_or_path: str):
+    """The HF tokenizer saved with a model, or None if there is none to load."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _add_tied_aliases(module: Bridge, state_dict, prefix, local_metadata) -> None:

@@ -10,16 +10,15 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .components.precision import upcast
 from .architectures import family_for
 from .config import BridgeConfig
 from .hooks import select_names
 from .model import check_inputs, forward, run_with_cache
 from .params import Params
+from .utils import next_token_nll
 
 LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -27,8 +26,7 @@ LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of predicting token i+1 from position i, over pairs where both are
     real tokens. logits [batch, pos, vocab], tokens and attention_mask [batch, pos]."""
-    log_probs = F.log_softmax(upcast(logits[:, :-1]), dim=-1)  # [batch, pos-1, vocab]
-    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos-1]
+    nll = next_token_nll(logits, tokens)  # [batch, pos-1]
     if attention_mask is None:
         return nll.mean()
     pairs = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(nll.dtype)  # [batch, pos-1]

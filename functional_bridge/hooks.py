@@ -274,6 +274,15 @@ class HookSet:
             table.setdefault(name, []).append(fn)
         return HookSet(table, self._bwd, self._points)
 
+    def combined(self, other: "HookSet") -> "HookSet":
+        """A new HookSet running this one's hooks, then other's, at each name."""
+        if not other:
+            return self
+        if not self:
+            return other
+        merge = lambda a, b: {n: [*a.get(n, ()), *b.get(n, ())] for n in {**a, **b}}  # noqa: E731
+        return HookSet(merge(self._table, other._table), merge(self._bwd, other._bwd), {**other._points, **self._points})
+
     def __call__(self, name: str | None, activation: Tensor) -> Tensor:
         fns = self._table.get(name)
         if fns is not None:

@@ -1,0 +1,171 @@
+"""TLFacade: what makes a Bridge answer like HookedTransformer 3.9.
+
+Mixed into Bridge. It holds the state TransformerLens keeps on the model (a tokenizer, TLState,
+registered hooks) and turns it into arguments of the pure functions on every call:
+``bridge(input, return_type=..., ...)`` is HookedTransformer.forward over ``fb.forward``;
+``bridge.cfg`` answers TL's config fields (config.py); ``bridge.blocks[i].attn.W_Q`` and friends
+are views derived from the leaves (views.py); text methods are in text.py, the hook API in
+hooking.py, ``enable_compatibility_mode`` in compat_mode.py.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..analysis.residual import accumulated_bias
+from ..params import params_device
+from ..weights import tl_weights
+from . import compat_mode
+from .config import TLConfig, TLState, plain_config
+from .forward import tl_forward
+from .hooking import TLHooksMixin
+from .text import TLTextMixin
+from .tokens import default_prepend_bos
+from .views import BlockList, TLView
+
+
+class TLFacade(TLTextMixin, TLHooksMixin):
+    def _init_tl(self, tokenizer=None, prepend_bos: bool | None = None, padding_side: str | None = None) -> None:
+        """Facade state for a new Bridge (called by Bridge.__init__)."""
+        prepend = default_prepend_bos(self._config.original_architecture) if prepend_bos is None else bool(prepend_bos)
+        self._tl = TLState(default_prepend_bos=prepend)
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer, padding_side)
+
+    # the config ----------------------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> TLConfig:
+        """The BridgeConfig, bound to this Bridge so that it also answers TransformerLens's
+        fields (device and dtype read off the leaves); a static argument for fb.forward."""
+        live = self.__dict__.get("_tl_cfg")
+        if type(live) is not TLConfig or live.__dict__["_owner"]() is not self:
+            live = self.__dict__["_tl_cfg"] = TLConfig.bind(self._config, self)
+        return live
+
+    @cfg.setter
+    def cfg(self, cfg) -> None:
+        self.__dict__["_config"] = plain_config(cfg)
+        self.__dict__.pop("_tl_cfg", None)
+
+    # the forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        start_at_layer: int | None = None,
+        tokens: Tensor | None = None,
+        shortformer_pos_embed: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        stop_at_layer: int | None = None,
+        past_kv_cache=None,
+        *,
+        hooks=None,
+    ):
+        """HookedTransformer.forward: input is text, a list of texts (padded, with its padding
+        mask), token ids [batch, pos] or [pos], or with start_at_layer the residual stream
+        [batch, pos, d_model] entering that block. Returns logits [batch, pos, d_vocab_out] (the
+        default), the loss, Output(logits, loss), None, or with stop_at_layer the residual stream.
+        The loss ignores padding (see tl_compat.forward.tl_forward). hooks: per-call
+        ``[(name or predicate, fn)]``, run after the registered ones. Equal to
+        ``fb.forward(bridge.params, tokens, bridge.cfg)`` for token ids without hooks."""
+        if past_kv_cache is not None:
+            raise NotImplementedError("past_kv_cache is not supported by Bridge.forward")
+        if shortformer_pos_embed is not None:
+            raise ValueError("shortformer_pos_embed: no supported architecture uses shortformer positions")
+        params = self.params
+        device = params_device(params)
+        if start_at_layer is None:
+            x, mask = self._model_input(input, prepend_bos, padding_side, attention_mask, device)
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"with start_at_layer the input is the residual stream (a tensor), got {type(input).__name__}")
+            x, mask = input, attention_mask
+        return tl_forward(
+            params, self._config, x, self._call_hooks(hooks), attention_mask=mask, return_type=return_type,
+            loss_per_token=loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens,
+        )  # fmt: skip
+
+    def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
+        """fb.utils.lm_cross_entropy_loss (HookedTransformer.loss_fn)."""
+        from ..utils import lm_cross_entropy_loss
+
+        return lm_cross_entropy_loss(logits, tokens.to(logits.device), attention_mask, per_token)
+
+    # HookedTransformer's submodules, as views of the leaves ---------------------------------------
+
+    @property
+    def blocks(self) -> BlockList:
+        return BlockList(self)
+
+    @property
+    def embed(self) -> TLView:
+        return TLView(self, "embed")
+
+    @property
+    def pos_embed(self) -> TLView:
+        if self._config.positional_embedding_type != "standard":
+            raise AttributeError(f"{self._config.original_architecture} has no learned positional embedding (pos_embed)")
+        return TLView(self, "pos_embed")
+
+    @property
+    def unembed(self) -> TLView:
+        return TLView(self, "unembed")
+
+    @property
+    def ln_final(self) -> TLView:
+        return TLView(self, "ln_final")
+
+    @property
+    def hook_embed(self):
+        return self._registry.point("hook_embed")
+
+    @property
+    def hook_pos_embed(self):
+        return self._registry.point("hook_pos_embed")
+
+    @property
+    def W_E_pos(self) -> Tensor:
+        """[d_vocab + n_ctx, d_model]: W_E and W_pos stacked (learned positions only)."""
+        import torch
+
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """[d_model]: the b_O (and b_out) of every block before ``layer`` (plus block ``layer``'s
+        b_O with mlp_input), from the current leaves."""
+        if not 0 <= layer <= self._config.n_layers:
+            raise ValueError(f"layer must be in [0, {self._config.n_layers}], got {layer}")
+        return accumulated_bias(tl_weights(self.params, self._config), self._config, layer, mlp_input, include_mlp_biases)
+
+    def all_head_labels(self) -> list[str]:
+        return [f"L{l}H{h}" for l in range(self._config.n_layers) for h in range(self._config.n_heads)]
+
+    @property
+    def n_params_total(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # moving and processing -----------------------------------------------------------------------
+
+    def to(self, *args, print_details: bool = False, **kwargs):
+        """nn.Module.to in every torch call form; print_details prints what moved, as
+        HookedTransformer.to does (by default here it is quiet). cfg.device and cfg.dtype follow
+        the leaves by construction."""
+        out = nn.Module.to(self, *args, **kwargs)
+        if print_details:
+            print(f"Moved model to device {self.cfg.device}, dtype {self.cfg.dtype}")
+        return out
+
+    def enable_compatibility_mode(self, disable_warnings: bool = False, no_processing: bool = False, fold_ln: bool = True,
+                                  center_writing_weights: bool = True, center_unembed: bool = True,
+                                  fold_value_biases: bool = True, refactor_factored_attn_matrices: bool = False) -> None:  # fmt: skip
+        """TransformerBridge's enable_compatibility_mode: HookedTransformer.from_pretrained's
+        weight processing on this Bridge's leaves, in place and atomically (tl_compat.compat_mode)."""
+        compat_mode.enable_compatibility_mode(
+            self, disable_warnings, no_processing, fold_ln, center_writing_weights, center_unembed,
+            fold_value_biases, refactor_factored_attn_matrices,
+        )  # fmt: skip
