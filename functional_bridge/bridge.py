@@ -28,6 +28,7 @@ from .hooks import hook_names
 from .params import ParamsStructureError, check_params, params_device, params_dtype
 from .tl_compat import TLFacade
 from .tl_compat.config import plain_config
+from .tl_compat.views import ROOT_VIEWS, TLContainer
 from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weights
 
 
@@ -227,8 +228,11 @@ def _register_leaf(root: nn.Module, name: str, tensor: Tensor) -> None:
     module = root
     for part in path:
         child = module._modules.get(part)
-        if child is None:  # not add_module: a root container may share a facade view's name (unembed)
-            child = module._modules[part] = nn.Module()
+        if child is None and module is root and part in ROOT_VIEWS:  # "unembed.b_U": also TL's view
+            child = module._modules[part] = TLContainer(root, part)  # (add_module refuses the name)
+        elif child is None:
+            child = nn.Module()
+            module.add_module(part, child)
         module = child
     if not isinstance(tensor, nn.Parameter):
         tensor = nn.Parameter(tensor, requires_grad=tensor.requires_grad)

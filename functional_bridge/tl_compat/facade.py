@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..analysis.residual import accumulated_bias
-from ..params import params_device
 from ..weights import tl_weights
 from . import compat_mode
 from .config import TLConfig, TLState, plain_config
@@ -78,9 +77,8 @@ class TLFacade(TLTextMixin, TLHooksMixin):
         if shortformer_pos_embed is not None:
             raise ValueError("shortformer_pos_embed: no supported architecture uses shortformer positions")
         params = self.params
-        device = params_device(params)
         if start_at_layer is None:
-            x, mask = self._model_input(input, prepend_bos, padding_side, attention_mask, device)
+            x, mask = self._model_input(input, prepend_bos, padding_side, attention_mask)
         else:
             if not isinstance(input, Tensor):
                 raise TypeError(f"with start_at_layer the input is the residual stream (a tensor), got {type(input).__name__}")
@@ -113,8 +111,10 @@ class TLFacade(TLTextMixin, TLHooksMixin):
         return TLView(self, "pos_embed")
 
     @property
-    def unembed(self) -> TLView:
-        return TLView(self, "unembed")
+    def unembed(self):
+        """The unembedding's TL view (a TLContainer when it also holds an extra leaf, b_U)."""
+        container = self._modules.get("unembed")
+        return TLView(self, "unembed") if container is None else container
 
     @property
     def ln_final(self) -> TLView:

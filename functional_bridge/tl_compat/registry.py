@@ -5,7 +5,8 @@ in a HookRegistry, by hook name, and turns them into a HookSet (hooks.py) that i
 pure forward on every call; the pure forward itself holds nothing. The objects users touch
 have TransformerLens's shape: ``bridge.hook_dict[name]`` is a FacadeHookPoint with ``add_hook``,
 ``remove_hooks``, ``fwd_hooks`` / ``bwd_hooks`` (LensHandle lists), ``ctx``, ``layer()``; hooks
-get the hook point as ``hook=`` and may return a replacement, as TransformerLens's.
+get the hook point as their second argument and may return a replacement, as TransformerLens's
+(which passes it by keyword, ``hook=``: a hook declaring it keyword-only is the one difference).
 
 Backward hooks become autograd hooks on the activations of each forward call. A backward pass
 run after its hook was removed (a ``hooks()`` context exited) does not call it, as in
@@ -153,18 +154,13 @@ class HookRegistry:
 
 
 def _forward_fn(handle: LensHandle):
-    fn = handle.user_hook
-
-    def call(activation, point):
-        return fn(activation, hook=point)  # TransformerLens passes the hook point by keyword
-
-    return call
+    return handle.user_hook  # called fn(activation, hook_point), as every hook of the pure layer
 
 
 def _backward_fn(handle: LensHandle):
     fn = handle.user_hook
 
     def call(grad, point):
-        return None if handle.removed else fn(grad, hook=point)
+        return None if handle.removed else fn(grad, point)
 
     return call

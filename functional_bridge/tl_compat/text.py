@@ -114,8 +114,9 @@ class TLTextMixin:
             tokens = self.to_single_token(tokens)
         return tokens_to_residual_directions(tl_weights(self.params, self._config), tokens)
 
-    def _model_input(self, input, prepend_bos, padding_side, attention_mask, device):
-        """forward's input as (tokens, padding mask or None) on the params' device. Text gets the
+    def _model_input(self, input, prepend_bos, padding_side, attention_mask):
+        """forward's input as (tokens, padding mask or None). Text (tokenized onto the params'
+        device) gets the
         tokenizer's padding mask; token ids with a tokenizer padding on the left get the mask
         TransformerLens guesses from pad ids (it does so for left padding only). A mask the facade
         made is dropped when it masks nothing (the unmasked path is faster and equal); a mask the
@@ -136,8 +137,4 @@ class TLTextMixin:
                 rows = tokens if tokens.dim() == 2 else tokens[None]
                 guessed = tok.mask_from_pad_ids(self.tokenizer, rows, prepend, side)
                 mask = None if bool(guessed.all()) else guessed.view(tokens.shape)
-        if tokens.device != device:
-            tokens = tokens.to(device)
-        if mask is not None and mask.device != device:
-            mask = mask.to(device)
         return tokens, mask

@@ -9,6 +9,8 @@ registered twice in the module tree and nothing can be stale. Writes go through
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..analysis.circuits import head_weight
 from ..analysis.factored_matrix import FactoredMatrix
 from ..editing import present_extras
@@ -62,6 +64,40 @@ class TLView:
 
     def __repr__(self):
         return f"TLView({self._path!r}: {', '.join(sorted(self._children()))})"
+
+    def __reduce__(self):
+        return TLView, (self._bridge, self._path)
+
+
+# The facade's view names at the root of a Bridge. A leaf registered under one of them (the
+# extra leaf "unembed.b_U" that processing adds) lives in a TLContainer.
+ROOT_VIEWS = frozenset({"blocks", "embed", "pos_embed", "unembed", "ln_final"})
+
+
+class TLContainer(nn.Module):
+    """The container module of extra leaves at a HookedTransformer path (``unembed`` holding
+    ``b_U``): an nn.Module for torch (state_dict, functional_call, optimizers), answering TL's
+    attributes (``W_U``, ``hook_out``...) like a TLView for everything it does not hold."""
+
+    def __init__(self, bridge, path: str):
+        super().__init__()
+        object.__setattr__(self, "_tl_view", TLView(bridge, path))
+        object.__setattr__(self, "_registering", False)
+
+    def register_parameter(self, name, param) -> None:
+        self.__dict__["_registering"] = True  # torch's hasattr check must not see the TL view
+        try:
+            super().register_parameter(name, param)
+        finally:
+            self.__dict__["_registering"] = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if self.__dict__.get("_registering", True):
+                raise
+            return getattr(self.__dict__["_tl_view"], name)
 
 
 def _head_circuit(bridge, layer: int, name: str) -> FactoredMatrix:
