@@ -37,6 +37,8 @@ def stacked_tl_weight(params: Params, cfg: BridgeConfig, short_name: str) -> Ten
     tl = tl_weights(params, cfg)
     if short_name in GLOBAL_WEIGHTS:
         key = GLOBAL_WEIGHTS[short_name]
+        if key == "unembed.b_U" and key not in tl:  # HookedTransformer has one for every model: zeros
+            return tl["unembed.W_U"].new_zeros(cfg.d_vocab_out)
         if key not in tl:
             raise KeyError(f"this {cfg.original_architecture} model has no {key} ({short_name})")
         return tl[key]

@@ -34,7 +34,7 @@ class TLView:
 
     def _children(self) -> set[str]:
         prefix = self._path + "."
-        names = [*tl_keys(self._bridge), *self._bridge.hook_dict]
+        names = [*tl_keys(self._bridge), *self._bridge.hook_dict, "unembed.b_U"]
         return {name[len(prefix) :].split(".")[0] for name in names if name.startswith(prefix)}
 
     def __getattr__(self, name: str):
@@ -45,6 +45,8 @@ class TLView:
         keys = tl_keys(bridge)
         if path in keys:
             return tl_weights(bridge.params, bridge._config)[path]
+        if path == "unembed.b_U":  # HookedTransformer's is zeros where the HF model has none
+            return bridge.b_U
         if path in bridge.hook_dict:
             return bridge.hook_dict[path]
         if self._path.endswith(".attn") and name in ("QK", "OV"):
