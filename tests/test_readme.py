@@ -7,7 +7,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+TL_SECTION = re.search(r"\n## Coming from TransformerLens\n.*?(?=\n## )", README, flags=re.S).group(0)
+BLOCKS = re.findall(r"```python\n(.*?)```", README.replace(TL_SECTION, ""), flags=re.S)
+TL_BLOCKS = re.findall(r"```python\n(.*?)```", TL_SECTION, flags=re.S)
 
 
 NAMESPACE: dict = {}  # blocks run in order in one namespace, like a notebook
@@ -16,6 +18,19 @@ NAMESPACE: dict = {}  # blocks run in order in one namespace, like a notebook
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_python_block_runs(index):
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), NAMESPACE)
+
+
+def test_coming_from_transformer_lens_runs():
+    """The section's blocks in order, with ``path`` a saved GPT-2 and its (locally trained)
+    tokenizer, as `save_pretrained` writes them."""
+    from helpers import make_gpt2
+    from tokenizers_local import gpt2_tokenizer, save_pretrained
+
+    tokenizer = gpt2_tokenizer()
+    namespace = {"path": save_pretrained(make_gpt2(vocab_size=len(tokenizer), n_positions=64), tokenizer)}
+    assert len(TL_BLOCKS) >= 2
+    for index, block in enumerate(TL_BLOCKS):
+        exec(compile(block, f"README.md 'Coming from TransformerLens' block {index}", "exec"), namespace)
 
 
 def test_readme_opens_with_the_two_commands():

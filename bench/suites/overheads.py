@@ -1,6 +1,8 @@
 """Overheads: Bridge.from_hf (adopting an HF model's tensors), tl_parameters() (deriving
-TransformerLens's weights from the leaves), and the import time of functional_bridge in a
-fresh interpreter (wall time, against `import torch, transformers` alone, and
+TransformerLens's weights from the leaves), the TransformerLens facade's stateful-hook path
+against the pure layer (the same forward with the same hook: bridge(tokens) vs fb.forward,
+bridge.run_with_hooks vs fb.run_with_hooks, a registered permanent hook vs per-call hooks),
+and the import time of functional_bridge in a fresh interpreter (wall time, against `import torch, transformers` alone, and
 `python -X importtime`'s cumulative figure). With --anchors, HookedTransformer's build from the
 same HF weights (config, TransformerLens's conversion, load_and_process_state_dict)."""
 
@@ -31,7 +33,45 @@ def run(ctx) -> None:
     ctx.time_row(case, m, "tl_parameters", "tl_parameters()")
     if ctx.settings.anchors:
         ctx.attempt("HookedTransformer build", lambda: _anchor_build(ctx, hf, m))
+    _facade_hooks(ctx, hf, bridge)
     _import_times(ctx)
+
+
+def _facade_hooks(ctx, hf, bridge) -> None:
+    """The stateful path (hooks kept on the facade, handed to the pure forward per call) against
+    the pure forward with the same hook, interleaved in one process, under inference_mode."""
+    import torch
+
+    from ..models import random_tokens
+    from ..runner import case_name
+
+    shape = ctx.plan.shapes[-1]
+    case = f"facade hooks {case_name(shape)}"
+    tokens = random_tokens(shape, bridge.cfg.d_vocab, ctx.device)
+    params, cfg = bridge.params, bridge.cfg
+    name = f"blocks.{cfg.n_layers // 2}.attn.hook_z"
+
+    def ablate_head_0(z, hook):  # z: [batch, pos, head, d_head]
+        z = z.clone()
+        z[:, :, 0] = 0
+        return z
+
+    hooks = [(name, ablate_head_0)]
+    permanent = fb.Bridge.from_hf(hf)  # the same leaves, with the hook registered for good
+    permanent.add_perma_hook(name, ablate_head_0)
+    contenders = {
+        "pure_forward": lambda: fb.forward(params, tokens, cfg),
+        "facade_forward": lambda: bridge(tokens),
+        "pure_hooked": lambda: fb.run_with_hooks(params, tokens, cfg, fwd_hooks=hooks),
+        "facade_run_with_hooks": lambda: bridge.run_with_hooks(tokens, fwd_hooks=hooks),
+        "facade_perma_hook": lambda: permanent(tokens),
+    }
+    with torch.inference_mode():
+        m = ctx.measure(case, contenders)
+    ctx.note(f"facade hooks: one editing hook on {name} (head 0 of z set to zero), {case_name(shape)} tokens.")
+    ctx.ratio_row(case, m, "facade_forward", "pure_forward", "bridge(tokens) / fb.forward (no hooks)")
+    ctx.ratio_row(case, m, "facade_run_with_hooks", "pure_hooked", "bridge.run_with_hooks / fb.run_with_hooks")
+    ctx.ratio_row(case, m, "facade_perma_hook", "pure_hooked", "registered permanent hook / fb.run_with_hooks")
 
 
 def _anchor_build(ctx, hf, m) -> None:
