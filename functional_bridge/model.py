@@ -150,11 +150,7 @@ def check_inputs(
     if attention_mask is not None:
         if attention_mask.shape != tokens.shape:
             raise ValueError(f"attention_mask and tokens must have the same shape; got {passed}")
-        if attention_mask.device != device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but params are on {device}")
-        if attention_mask.is_floating_point() or attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be bool or integer (nonzero = real token), got {attention_mask.dtype}")
-        attention_mask = attention_mask != 0
+        attention_mask = _checked_mask(attention_mask, device)
     if _values_readable(tokens) and tokens.numel():
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= cfg.d_vocab:
@@ -182,12 +178,17 @@ def _check_residual(resid: Tensor, cfg: BridgeConfig, attention_mask: Tensor | N
     if attention_mask is not None:
         if attention_mask.shape != resid.shape[:2]:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the residual input {tuple(resid.shape[:2])} positions")
-        if attention_mask.device != device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but params are on {device}")
-        if attention_mask.is_floating_point() or attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be bool or integer (nonzero = real token), got {attention_mask.dtype}")
-        attention_mask = attention_mask != 0
+        attention_mask = _checked_mask(attention_mask, device)
     return resid, attention_mask
+
+
+def _checked_mask(attention_mask: Tensor, device) -> Tensor:
+    """The mask as bool (HF's rule: any nonzero value marks a real token), after its checks."""
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but params are on {device}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool or integer (nonzero = real token), got {attention_mask.dtype}")
+    return attention_mask != 0
 
 
 def layer_range(cfg: BridgeConfig, start_at_layer: int | None, stop_at_layer: int | None) -> range:

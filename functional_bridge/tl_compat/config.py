@@ -109,29 +109,7 @@ class TLConfig(BridgeConfig):
 
     # facade state --------------------------------------------------------------------------------
 
-    @property
-    def default_prepend_bos(self) -> bool:
-        return self._bridge()._tl.default_prepend_bos
-
-    @property
-    def tokenizer_prepends_bos(self) -> bool | None:
-        return self._bridge()._tl.tokenizer_prepends_bos
-
-    @property
-    def use_attn_result(self) -> bool:
-        return self._bridge()._tl.use_attn_result
-
-    @property
-    def use_split_qkv_input(self) -> bool:
-        return self._bridge()._tl.use_split_qkv_input
-
-    @property
-    def use_hook_mlp_in(self) -> bool:
-        return self._bridge()._tl.use_hook_mlp_in
-
-    @property
-    def use_attn_in(self) -> bool:
-        return self._bridge()._tl.use_attn_in
+    # default_prepend_bos, tokenizer_prepends_bos, use_attn_result...: properties made below
 
     @property
     def model_name(self) -> str:
@@ -163,3 +141,15 @@ class TLConfig(BridgeConfig):
     use_hook_tokens = False
     ungroup_grouped_query_attention = False
     output_logits_soft_cap = -1.0
+
+
+def _state_property(name: str) -> property:
+    def get(self: TLConfig):
+        return getattr(self._bridge()._tl, name)
+
+    get.__doc__ = f"HookedTransformerConfig's {name}, kept on the Bridge (TLState); settable."
+    return property(get)
+
+
+for _name in TLState.__dataclass_fields__:
+    setattr(TLConfig, _name, _state_property(_name))
