@@ -98,8 +98,14 @@ class Bridge(TLFacade, nn.Module):
 
     @property
     def params(self) -> dict[str, Tensor]:
-        """HF name -> leaf, in HF order: the only state. Read live from the module tree."""
-        return dict(self.named_parameters())
+        """HF name -> leaf, in HF order: the only state. Read live from the module tree: each
+        leaf is looked up in its container's ``_parameters`` now (where functional_call, to()
+        and load_state_dict(assign=True) put theirs); only where the leaves sit is remembered,
+        which saves named_parameters()'s walk of the tree on every forward."""
+        slots = self.__dict__.get("_leaf_slots")
+        if slots is None:
+            slots = self.__dict__["_leaf_slots"] = _leaf_slots(self)
+        return {name: module._parameters[leaf] for name, module, leaf in slots}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,8 +242,19 @@ for _name in (*LAYER_WEIGHTS, *GLOBAL_WEIGHTS):
     setattr(Bridge, _name, _stacked_property(_name))
 
 
+def _leaf_slots(root: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(HF name, container module, attribute) of each leaf, in named_parameters() order."""
+    containers = dict(root.named_modules())
+    slots = []
+    for name, _ in root.named_parameters():
+        path, _, leaf = name.rpartition(".")
+        slots.append((name, containers[path], leaf))
+    return slots
+
+
 def _register_leaf(root: nn.Module, name: str, tensor: Tensor) -> None:
     """Register tensor under its dotted HF name, creating plain container modules on the way."""
+    root.__dict__.pop("_leaf_slots", None)  # where the leaves sit changes
     *path, leaf = name.split(".")
     module = root
     for part in path:

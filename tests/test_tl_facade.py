@@ -42,6 +42,20 @@ def test_cfg_is_the_static_config_and_reads_device_and_dtype_off_the_leaves(brid
     assert (cfg.n_layers, cfg.d_vocab, cfg.n_devices, cfg.attn_only, cfg.use_attn_scale) == (3, 320, 1, False, True)
 
 
+def test_params_are_read_live_from_the_module_tree(bridge):
+    """bridge.params remembers where the leaves sit, not the leaves: replacing them
+    (load_state_dict(assign=True), functional_call, processing's new leaves) is seen."""
+    tokens = random_tokens(1, 5, bridge.cfg.d_vocab)
+    new = {name: value.detach() * 0.5 for name, value in bridge.params.items()}
+    swapped = torch.func.functional_call(bridge, new, (tokens,))
+    assert max_diff(swapped, fb.forward(new, tokens, bridge.cfg)) == 0
+    bridge.load_state_dict(new, assign=True)
+    assert all(bridge.params[name] is bridge.get_parameter(name) for name in new)
+    assert all(torch.equal(bridge.params[name], value) for name, value in new.items())
+    bridge.enable_compatibility_mode()  # adds leaves (unembed.b_U, lm_head.weight)
+    assert list(bridge.params) == [name for name, _ in bridge.named_parameters()]
+
+
 def test_cfg_architecture_is_frozen_and_tl_settings_route_to_the_facade(bridge):
     with pytest.raises(Exception, match="cfg.n_layers cannot be set"):
         bridge.cfg.n_layers = 4

@@ -34,7 +34,9 @@ def head_inputs(resid: Tensor, ln1: Norm, eps: float, n_heads: int, n_kv_heads: 
     use_split_qkv_input (any of hook_q/k/v_input hooked): each reads its own copy of resid_pre
     (not hook_attn_in's, as in HookedTransformer), normalised separately, so ln1's hooks fire
     three times and keep the value input's statistics in a cache."""
-    split = any(hooks.wants(n) for n in (names.q_input, names.k_input, names.v_input))
+    if not hooks:
+        return None
+    split = hooks.wants(names.q_input) or hooks.wants(names.k_input) or hooks.wants(names.v_input)
     if not split and not hooks.wants(names.attn_in):
         return None
     if hooks.wants(names.attn_in):
