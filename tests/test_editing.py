@@ -125,17 +125,18 @@ def test_errors_name_the_key():
 
 @pytest.mark.parametrize("arch", architectures())
 def test_writing_a_derived_key_names_its_source(arch):
-    """Derived keys other than a tied W_U (grouped-query W_K repeats _W_K) refuse, naming the key
-    the family declares as their source."""
+    """Every derived key other than a tied W_U (grouped-query W_K repeats _W_K) refuses, naming
+    the key the family declares as its source; b_K and b_V too where HF has no k/v bias (they
+    were once accepted, adding a zero k_proj.bias leaf and dropping the value)."""
     bridge = fb.Bridge.from_hf(tiny_model(arch))
     cfg = bridge.cfg
     derived = {d: s for d, s in family_for(cfg).tl_derived_keys(cfg).items() if d != "unembed.W_U"}
     if not derived:
         pytest.skip(f"{arch} (this config) has no derived TL keys besides a tied W_U")
-    key, source = next(iter(derived.items()))
-    value = torch.zeros(bridge.tl_parameters()[key].shape)
-    with pytest.raises(ValueError, match=f"{key} is derived from {source}.*edit {source}"):
-        fb.set_tl_weights(bridge.params, cfg, {key: value})
+    tl = bridge.tl_parameters()
+    for key, source in derived.items():
+        with pytest.raises(ValueError, match=f"{key} is derived from {source}.*edit {source}"):
+            fb.set_tl_weights(bridge.params, cfg, {key: torch.ones(tl[key].shape)})
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
