@@ -122,20 +122,22 @@ def as_accurate_as_bound(oracle, ref64, *, scale: float | None = None, dtype=Non
 
 
 def assert_as_accurate_as(ours, oracle, ref64, *, factor: float = FACTOR, scale: float | None = None,
-                          what: str = "") -> None:  # fmt: skip
+                          per_key_scale: bool = False, what: str = "") -> None:  # fmt: skip
     """|ours - ref64| <= factor * max(|oracle - ref64|, FLOOR_ULPS * eps * scale), where ref64 is the
     oracle's computation in float64 and scale defaults to max |ref64|. Tensors, or mappings of
-    tensors (each key checked; the floor's scale is then the largest over all keys, so that a key
-    whose true value is ~0 and whose computed value is rounding noise of the others is not held
-    to zero; the worst key's margin is recorded)."""
+    tensors: each key is checked, and the worst key's margin recorded. The floor's scale is then
+    the largest over all keys (gradients: a key whose true value is ~0 holds rounding noise of the
+    others, and is not held to zero), or each key's own with per_key_scale (activations, whose
+    magnitudes differ by design)."""
     if isinstance(ours, Mapping):
         assert set(ours) == set(oracle) == set(ref64), "different keys"
-        scale = max(max_abs(v) for v in ref64.values()) if scale is None else scale
+        if scale is None and not per_key_scale:
+            scale = max(max_abs(v) for v in ref64.values())
         worst = (-1.0, 0.0, 0.0, "")
         for key in ours:
             a, o, r = _finite_parts(ours[key], oracle[key], ref64[key])
             measured = max_diff(a, r)
-            bound = as_accurate_as_bound(o, r, scale=scale, dtype=ours[key].dtype, factor=factor)
+            bound = as_accurate_as_bound(o, r, scale=max_abs(r) if per_key_scale else scale, dtype=ours[key].dtype, factor=factor)
             assert measured <= bound, f"{what} {key}: {measured:.3g} > bound {bound:.3g}"
             margin = measured / bound if bound else (0.0 if measured == 0 else math.inf)
             worst = max(worst, (margin, measured, bound, key))
