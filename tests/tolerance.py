@@ -60,6 +60,17 @@ def rounding_bound(scale: float, dtype: torch.dtype, n: int = 1, c: float = C_RO
     return c * eps(dtype) * scale * math.sqrt(max(n, 1))
 
 
+def singular_vector_bound(S: torch.Tensor, dtype: torch.dtype, n: int) -> float:
+    """How far a computed unit singular vector can turn (first-order perturbation theory): the
+    matrix's rounding, rounding_bound(S_max, dtype, n), over the smallest gap between one of its
+    singular values S [..., k] and another (the last one's gap is to the zero singular values
+    beyond a rank-k product)."""
+    S = S.detach().double().flatten(0, -2) if S.dim() > 1 else S.detach().double()[None]
+    padded = torch.cat([S, torch.zeros_like(S[:, :1])], dim=-1)
+    gap = (padded[:, :-1] - padded[:, 1:]).abs().min().item()
+    return rounding_bound(S.abs().max().item(), dtype, n) / gap
+
+
 def _node_id() -> str:
     current = os.environ.get("PYTEST_CURRENT_TEST", "")
     return current.rsplit(" (", 1)[0] if current else "?"
