@@ -60,15 +60,15 @@ def rounding_bound(scale: float, dtype: torch.dtype, n: int = 1, c: float = C_RO
     return c * eps(dtype) * scale * math.sqrt(max(n, 1))
 
 
-def singular_vector_bound(S: torch.Tensor, dtype: torch.dtype, n: int) -> float:
+def singular_vector_bound(S: torch.Tensor, dtype: torch.dtype, n: int, k: int | None = None) -> float:
     """How far a computed unit singular vector can turn (first-order perturbation theory): the
-    matrix's rounding, rounding_bound(S_max, dtype, n), over the smallest gap between one of its
-    singular values S [..., k] and another (the last one's gap is to the zero singular values
-    beyond a rank-k product)."""
-    S = S.detach().double().flatten(0, -2) if S.dim() > 1 else S.detach().double()[None]
+    matrix's rounding, rounding_bound(S_max, dtype, n), over the smallest gap between one of the
+    first k (default: all) singular values in S [..., r] (descending) and its neighbours, the
+    last one's lower neighbour being 0 (the null space of a rank-r product)."""
+    S = S.detach().double().reshape(-1, S.shape[-1])
     padded = torch.cat([S, torch.zeros_like(S[:, :1])], dim=-1)
-    gap = (padded[:, :-1] - padded[:, 1:]).abs().min().item()
-    return rounding_bound(S.abs().max().item(), dtype, n) / gap
+    gaps = (padded[:, :-1] - padded[:, 1:]).abs()  # gaps[:, i]: between value i and i + 1
+    return rounding_bound(S.abs().max().item(), dtype, n) / gaps[:, : k or S.shape[-1]].min().item()
 
 
 def _node_id() -> str:
@@ -82,6 +82,7 @@ def record(what: str, measured: float, bound: float) -> None:
     path = os.environ.get("FB_MARGINS")
     if not path:
         return
+    measured, bound = float(measured), float(bound)
     margin = measured / bound if bound > 0 else (0.0 if measured == 0 else math.inf)
     line = json.dumps({"test": _node_id(), "what": what, "measured": measured, "bound": bound, "margin": margin})
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
