@@ -7,7 +7,9 @@ from torch.func import grad, jacrev, jvp, vmap
 
 import functional_bridge as fb
 from helpers import make_gpt2, max_diff, padded_batch, random_tokens
-from tolerance import assert_as_accurate_as, assert_rounding_close, check, float64, forward_depth, max_abs, rounding_bound
+from tolerance import (
+    adamw_rounding_bound, assert_as_accurate_as, assert_rounding_close, check, float64, forward_depth, max_abs, rounding_bound,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +124,13 @@ def _train_stacked(members, cfg, make_optimizer, batches):
     return fb.unstack_params(stacked)
 
 
-def _adamw_rounding_bound(params, cfg, tokens, steps, lr, adam_eps):
-    """How far two float64 runs of one AdamW training can drift apart when their gradients differ
-    by rounding only: an update lr * m / (sqrt(v) + eps) moves by at most lr / eps per unit change
-    of a near-zero gradient, so steps * lr / eps * the gradients' rounding (at their magnitude at
-    the start, over a forward's and a batch's accumulated sums)."""
+def _adamw_bound(params, cfg, tokens, steps, lr):
+    """tolerance.adamw_rounding_bound at the gradients' magnitude at the start, over a forward's
+    and a batch's accumulated sums."""
     loss = lambda p: fb.next_token_loss(fb.forward(p, tokens, cfg), tokens)  # noqa: E731
     scale = max(g.abs().max().item() for g in grad(loss)({k: v.detach() for k, v in params.items()}).values())
     n = forward_depth(cfg, tokens.shape[1]) + tokens.numel()
-    return steps * lr / adam_eps * rounding_bound(scale, torch.float64, n)
+    return adamw_rounding_bound(scale, steps, lr, adam_eps=1e-8, dtype=torch.float64, n=n)
 
 
 def test_training_an_ensemble_at_once_equals_separate_trainings():
@@ -145,13 +145,12 @@ def test_training_an_ensemble_at_once_equals_separate_trainings():
             separate64 = _train_separately([float64(m) for m in members], cfg, sgd, batches)
             for k, (one, one64, many) in enumerate(zip(separate, separate64, stacked)):
                 assert_as_accurate_as(many, one, one64, what=f"SGD member {k}")
-        # AdamW magnifies rounding noise in a near-zero gradient up to lr/eps (1e5 here): float32
-        # runs of the same training drift apart by ~1e-5 in any order of summation (HF's own eager
-        # and sdpa do), so the stacked and separate runs are compared in float64.
+        # AdamW magnifies rounding noise in a near-zero gradient up to lr/eps (1e5 here): compared
+        # in float64 (tolerance.adamw_rounding_bound)
         members64 = [{k: v.requires_grad_() for k, v in float64(m).items()} for m in members]
         one = _train_separately(members64[:1], cfg, adamw, batches)[0]
         many = _train_stacked(members64, cfg, adamw, batches)[0]
-        bound = _adamw_rounding_bound(members64[0], cfg, batches[0], len(batches), lr=1e-3, adam_eps=1e-8)
+        bound = _adamw_bound(members64[0], cfg, batches[0], len(batches), lr=1e-3)
         check(max(max_diff(one[n], many[n]) for n in one), bound, f"AdamW seed {seed}")
 
 

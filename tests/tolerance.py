@@ -71,6 +71,15 @@ def singular_vector_bound(S: torch.Tensor, dtype: torch.dtype, n: int, k: int | 
     return rounding_bound(S.abs().max().item(), dtype, n) / gaps[:, : k or S.shape[-1]].min().item()
 
 
+def adamw_rounding_bound(grad_scale: float, steps: int, lr: float, adam_eps: float, dtype: torch.dtype, n: int) -> float:
+    """How far two runs of one AdamW training can drift apart when their gradients differ by
+    rounding only: an update lr * m / (sqrt(v) + eps) moves by up to lr / eps per unit change of a
+    near-zero gradient, so steps * lr / eps * rounding_bound(grad_scale, dtype, n). In float32 that
+    is ~lr itself (any order of summation drifts ~1e-5: HF's own eager and sdpa do), so AdamW runs
+    are compared in float64, where it stays far below what a wrong gradient or step moves."""
+    return steps * lr / adam_eps * rounding_bound(grad_scale, dtype, n)
+
+
 def _node_id() -> str:
     current = os.environ.get("PYTEST_CURRENT_TEST", "")
     return current.rsplit(" (", 1)[0] if current else "?"
