@@ -113,7 +113,7 @@ def test_parity_figures_are_sane(fast_run):
     for low, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         error, hf_error = parity[f"{low}: ours vs ours fp32"]["value"], parity[f"{low}: HF sdpa vs HF fp32"]["value"]
         assert error > 0, low
-        check(error, hf_error + eps(dtype) * scale, low)
+        check(error - hf_error, eps(dtype) * scale, f"{low}: error over HF's")
 
 
 def test_parameter_bytes_equal_hf_exactly(fast_run):

@@ -99,7 +99,7 @@ def test_bfloat16_is_as_close_to_float32_as_hf(family):
     for seed in range(2):
         e = _bf16_errors(family, seed)
         hf_default = e["hf_sdpa"] if "hf_sdpa" in e else e["hf_eager"]
-        check(e["ours"], hf_default + e["ulp"], f"seed {seed}: ours vs float32")
+        check(e["ours"] - hf_default, e["ulp"], f"seed {seed}: error over HF's")
         for attn in ("sdpa", "eager"):
             if f"hf_{attn}" in e:
                 assert_within_gap(e[f"ours_vs_hf_{attn}"], e.get("hf_gap", 0.0), floor=e["ulp"], factor=2.0,
