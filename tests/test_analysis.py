@@ -48,7 +48,8 @@ def test_all_composition_scores_are_dense_frobenius_ratios(mode):
                 for h2 in range(n_heads):
                     expected = fro(OV[l1, h1] @ right[l2, h2]) / (fro(OV[l1, h1]) * fro(right[l2, h2]))
                     if l1 < l2:  # a product's d_model-long dot products, then d_model^2 squares summed
-                        check(abs(scores[l1, h1, l2, h2] - expected).item(), rounding_bound(expected.item(), torch.float64, 2 * 48**2))
+                        bound = rounding_bound(expected.item(), torch.float64, 2 * 48**2)
+                        check(abs(scores[l1, h1, l2, h2] - expected).item(), bound)
                     else:
                         assert scores[l1, h1, l2, h2] == 0
     with pytest.raises(ValueError, match="mode"):

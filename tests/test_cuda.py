@@ -83,8 +83,9 @@ def test_padded_rows_on_device(device):
         for hooks in (None, FORCE_EXPLICIT):
             logits = bridge(tokens, attention_mask=mask, hooks=hooks)
             for row in range(3):
-                alone = tokens[row][mask[row].bool()][None]
-                assert_as_accurate_as(logits[row][mask[row].bool()], hf(alone).logits[0], hf64(alone).logits[0], what=f"row {row}")
+                real = mask[row].bool()
+                alone = tokens[row][real][None]
+                assert_as_accurate_as(logits[row][real], hf(alone).logits[0], hf64(alone).logits[0], what=f"row {row}")
 
 
 def test_per_example_grads_and_patching_on_device(device):

@@ -204,7 +204,8 @@ def test_zeroing_a_head_via_W_O_equals_zero_ablating_its_hook_z(layer, head):
 
     with torch.no_grad():
         expected = bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
-        expected64 = fb.run_with_hooks(float64(bridge.params), tokens, bridge.cfg, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
+        hooks = [(f"blocks.{layer}.attn.hook_z", ablate)]
+        expected64 = fb.run_with_hooks(float64(bridge.params), tokens, bridge.cfg, fwd_hooks=hooks)
         W_O = bridge.tl_parameters()[f"blocks.{layer}.attn.W_O"].clone()
         W_O[head] = 0
         pure = fb.forward(fb.set_tl_weights(bridge.params, bridge.cfg, {f"blocks.{layer}.attn.W_O": W_O}), tokens, bridge.cfg)

@@ -10,7 +10,9 @@ import functional_bridge as fb
 from family_helpers import ALL_VARIANTS, FAMILIES, VOCAB, family_config, make_family, supports
 from functional_bridge.architectures import family_for
 from helpers import max_diff, padded_batch, random_tokens
-from tolerance import as_accurate_as_bound, assert_as_accurate_as, assert_within_gap, check, check_above, eps, float64, float64_copy
+from tolerance import (
+    as_accurate_as_bound, assert_as_accurate_as, assert_within_gap, check, check_above, eps, float64, float64_copy,
+)  # fmt: skip
 
 FORCE_EXPLICIT = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)]
 

@@ -154,7 +154,8 @@ def test_half_precision_is_as_close_to_float32_as_hf(dtype):
         e = _half_errors(dtype, seed)
         check(e["ours"] - e["hf_sdpa"], e["ulp"], f"seed {seed}: error over HF's")
         for attn in ("sdpa", "eager"):
-            assert_within_gap(e[f"ours_vs_hf_{attn}"], e["hf_gap"], floor=e["ulp"], factor=2.0, what=f"seed {seed}: ours vs HF {attn}")
+            what = f"seed {seed}: ours vs HF {attn}"
+            assert_within_gap(e[f"ours_vs_hf_{attn}"], e["hf_gap"], floor=e["ulp"], factor=2.0, what=what)
 
 
 def test_float64_is_never_downcast():

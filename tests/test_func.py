@@ -164,7 +164,8 @@ def test_activation_grads_equal_autograd_on_kept_activations(model):
 
     def autograd(params):
         kept = {}
-        logits = fb.run_with_hooks(params, tokens, cfg, fwd_hooks=[(n, lambda x, hook: kept.__setitem__(hook.name, x)) for n in names])
+        keep = [(n, lambda x, hook: kept.__setitem__(hook.name, x)) for n in names]
+        logits = fb.run_with_hooks(params, tokens, cfg, fwd_hooks=keep)
         return dict(zip(names, torch.autograd.grad(metric(logits), [kept[n] for n in names])))
 
     expected = autograd(params)

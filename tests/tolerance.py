@@ -170,6 +170,16 @@ def assert_as_accurate_as(ours, oracle, ref64, *, factor: float = FACTOR, scale:
     check(max_diff(ours, ref64), as_accurate_as_bound(oracle, ref64, scale=scale, dtype=dtype, factor=factor), what)
 
 
+def assert_matches_oracle(ours, oracle, oracle64, *, n: int, what: str = "") -> None:
+    """Ours against an oracle computed in ours' dtype: below float64, as accurate as the oracle
+    against its own float64 run (oracle64, see assert_as_accurate_as); in float64, within float64
+    rounding of the oracle at its values' magnitude over n accumulated roundings."""
+    if ours.dtype == torch.float64:
+        assert_rounding_close(ours, oracle, n=n, what=what)
+    else:
+        assert_as_accurate_as(ours, oracle, oracle64, what=what)
+
+
 def assert_within_gap(measured: float, gap: float, *, floor: float, factor: float = FACTOR, what: str = "") -> None:
     """measured <= factor * max(gap, floor): within the distance of two right oracles."""
     check(measured, factor * max(gap, floor), what)

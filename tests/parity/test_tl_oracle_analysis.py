@@ -13,18 +13,9 @@ import torch
 import functional_bridge as fb
 from helpers import hooked_float64, make_gpt2, random_tokens
 from test_tl_oracle_gpt2 import tl_config, tl_conversion
-from tolerance import assert_as_accurate_as, assert_rounding_close, forward_depth
+from tolerance import assert_as_accurate_as, assert_matches_oracle, assert_rounding_close, forward_depth
 
 pytestmark = pytest.mark.oracle
-
-
-def assert_close_to_tl(ours, theirs, theirs64, *, n: int, what: str = "") -> None:
-    """float32: as accurate as TransformerLens against its float64 run (theirs64); float64: within
-    float64 rounding of TransformerLens at the values' magnitude, over n accumulated roundings."""
-    if ours.dtype == torch.float64:
-        assert_rounding_close(ours, theirs, n=n, what=what)
-    else:
-        assert_as_accurate_as(ours, theirs, theirs64, what=what)
 
 
 def hooked_transformer(hf, transformer_lens):
@@ -73,7 +64,7 @@ def test_all_composition_scores_equal_hooked_transformer(transformer_lens, mode,
     assert ours.shape == theirs.shape == (3, 4, 3, 4)
     assert torch.equal(ours == 0, theirs == 0)  # the same pairs masked
     theirs64 = models(transformer_lens, torch.float64)[1].all_composition_scores(mode)
-    assert_close_to_tl(ours, theirs, theirs64, n=bridge.cfg.d_model**2)  # Frobenius norms of d_model^2 entries
+    assert_matches_oracle(ours, theirs, theirs64, n=bridge.cfg.d_model**2)  # Frobenius norms of d_model^2 entries
     pure = fb.analysis.all_composition_scores(bridge.params, bridge.cfg, mode)
     assert torch.equal(pure, ours)
 
@@ -230,7 +221,7 @@ def test_decompositions_equal_transformer_lens(caches, method, options):
         assert_rounding_close(ours[row], theirs[row], dtype=torch.float32, n=n_biases, what="bias row")
         ours, theirs = torch.cat([ours[:row], ours[row + 1 :]]), torch.cat([theirs[:row], theirs[row + 1 :]])
         theirs64 = theirs
-    assert_close_to_tl(ours, theirs, theirs64, n=caches.depth)
+    assert_matches_oracle(ours, theirs, theirs64, n=caches.depth)
 
 
 def test_apply_ln_logit_attrs_and_stack_activation_equal_transformer_lens(caches):
@@ -239,7 +230,7 @@ def test_apply_ln_logit_attrs_and_stack_activation_equal_transformer_lens(caches
 
     def close(f, what=""):
         """f(cache, its decompose_resid stack) for ours, TransformerLens's and its float64 run."""
-        assert_close_to_tl(*(f(c, stacks[id(c)]) for c in caches[:3]), n=caches.depth, what=what)
+        assert_matches_oracle(*(f(c, stacks[id(c)]) for c in caches[:3]), n=caches.depth, what=what)
 
     for layer, mlp_input in ((None, False), (1, True), (2, False), (0, False)):
         close(lambda c, stack: c.apply_ln_to_stack(stack, layer, mlp_input), f"apply_ln_to_stack {layer} {mlp_input}")
@@ -276,8 +267,8 @@ def test_keys_shorthands_and_batch_removal_equal_transformer_lens(transformer_le
     ]:  # fmt: skip
         ours, theirs, theirs64 = (getattr(c, method)(**options) for c in (single, tl_single, tl64_single))
         assert_as_accurate_as(ours, theirs, theirs64, what=method)
-    ours, theirs, theirs64 = (c.logit_attrs(c.decompose_resid(), tokens[0], has_batch_dim=False) for c in (single, tl_single, tl64_single))
-    assert_as_accurate_as(ours, theirs, theirs64, what="logit_attrs")
+    attrs = (c.logit_attrs(c.decompose_resid(), tokens[0], has_batch_dim=False) for c in (single, tl_single, tl64_single))
+    assert_as_accurate_as(*attrs, what="logit_attrs")
 
 
 def test_processed_bridge_analyses_equal_processed_hooked_transformer(transformer_lens):

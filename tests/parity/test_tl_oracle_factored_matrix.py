@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from functional_bridge.analysis import FactoredMatrix, composition_scores
-from tolerance import FACTOR, FLOOR_ULPS, assert_as_accurate_as, assert_rounding_close, check, eps, rounding_bound, singular_vector_bound
+from tolerance import FACTOR, FLOOR_ULPS, assert_matches_oracle, check, eps, rounding_bound, singular_vector_bound
 
 pytestmark = pytest.mark.oracle
 
@@ -34,15 +34,6 @@ def pair(case, dtype, seed=0):
     return A, B
 
 
-def assert_close_to_tl(ours, theirs, theirs64, *, n: int, what: str = "") -> None:
-    """float32: as accurate as TransformerLens against its float64 result (theirs64); float64:
-    within float64 rounding of TransformerLens at the values' magnitude over n roundings."""
-    if ours.dtype == torch.float64:
-        assert_rounding_close(ours, theirs, n=n, what=what)
-    else:
-        assert_as_accurate_as(ours, theirs, theirs64, what=what)
-
-
 @pytest.fixture
 def TLFactoredMatrix(transformer_lens):
     from transformer_lens.FactoredMatrix import FactoredMatrix as TL
@@ -59,8 +50,8 @@ def test_products_shapes_and_indexing_equal_transformer_lens(TLFactoredMatrix, c
 
     def close(f, what):
         """f(FactoredMatrix class, matrix, cast) for ours, TL's and TL's in float64."""
-        results = (f(FactoredMatrix, ours, dtype), f(TLFactoredMatrix, theirs, dtype), f(TLFactoredMatrix, theirs64, torch.float64))
-        assert_close_to_tl(*results, n=n, what=what)
+        results = (f(FactoredMatrix, ours, dtype), f(TLFactoredMatrix, theirs, dtype))
+        assert_matches_oracle(*results, f(TLFactoredMatrix, theirs64, torch.float64), n=n, what=what)
 
     assert ours.shape == theirs.shape and ours.ndim == theirs.ndim
     assert (ours.ldim, ours.mdim, ours.rdim) == (theirs.ldim, theirs.mdim, theirs.rdim)
@@ -107,7 +98,7 @@ def test_spectra_equal_transformer_lens(TLFactoredMatrix, case, dtype):
     n = (A.shape[-2] + A.shape[-1] + B.shape[-1]) ** 2
 
     def close(f, what):
-        assert_close_to_tl(f(ours), f(theirs), f(theirs64), n=n, what=what)
+        assert_matches_oracle(f(ours), f(theirs), f(theirs64), n=n, what=what)
 
     U, S, V = ours.svd()
     tU, tS, tV = theirs.svd()
@@ -135,7 +126,8 @@ def test_spectra_equal_transformer_lens(TLFactoredMatrix, case, dtype):
             check(max(nearest(mine, tl), nearest(tl, mine)), rounding_bound(tl.abs().max().item(), dtype, n), "eigenvalues")
         else:
             floor = FLOOR_ULPS * eps(dtype) * tl64.abs().max().item()
-            check(max(nearest(mine, tl64), nearest(tl64, mine)), FACTOR * max(nearest(tl, tl64), nearest(tl64, tl), floor), "eigenvalues")
+            oracle_error = max(nearest(tl, tl64), nearest(tl64, tl), floor)
+            check(max(nearest(mine, tl64), nearest(tl64, mine)), FACTOR * oracle_error, "eigenvalues")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -156,8 +148,8 @@ def test_composition_scores_equal_transformer_lens(transformer_lens, TLFactoredM
     n = 16 * 16  # Frobenius norms of 16 x 16 products
     ours, theirs, theirs64 = scores(left_A, left_B, right_A, right_B)
     assert ours.shape == theirs.shape == (2, 3, 5)
-    assert_close_to_tl(ours, theirs, theirs64, n=n, what="broadcast")
+    assert_matches_oracle(ours, theirs, theirs64, n=n, what="broadcast")
     right_A, right_B = rand(3, 16, 4), rand(3, 4, 16)
     ours, theirs, theirs64 = scores(left_A, left_B, right_A, right_B, broadcast_dims=False)
     assert ours.shape == theirs.shape == (2, 3)
-    assert_close_to_tl(ours, theirs, theirs64, n=n, what="paired")
+    assert_matches_oracle(ours, theirs, theirs64, n=n, what="paired")
