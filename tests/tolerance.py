@@ -39,6 +39,7 @@ def eps(dtype: torch.dtype) -> float:
 
 
 def max_abs(x: torch.Tensor) -> float:
+    """max |x| in float64 (0 for an empty tensor)."""
     return x.detach().double().abs().max().item() if x.numel() else 0.0
 
 
@@ -154,15 +155,14 @@ def assert_as_accurate_as(ours, oracle, ref64, *, factor: float = FACTOR, scale:
         assert set(ours) == set(oracle) == set(ref64), "different keys"
         if scale is None and not per_key_scale:
             scale = max(max_abs(v) for v in ref64.values())
-        worst = (-1.0, 0.0, 0.0, "")
+        checked = []  # (margin, measured, bound, key)
         for key in ours:
             a, o, r = _finite_parts(ours[key], oracle[key], ref64[key])
             measured = max_diff(a, r)
             bound = as_accurate_as_bound(o, r, scale=max_abs(r) if per_key_scale else scale, dtype=ours[key].dtype, factor=factor)
-            assert measured <= bound, f"{what} {key}: {measured:.3g} > bound {bound:.3g}"
-            margin = measured / bound if bound else (0.0 if measured == 0 else math.inf)
-            worst = max(worst, (margin, measured, bound, key))
-        record(f"{what} {worst[3]}".strip(), worst[1], worst[2])
+            checked.append((measured / bound if bound else (0.0 if measured == 0 else math.inf), measured, bound, key))
+        margin, measured, bound, key = max(checked)
+        check(measured, bound, f"{what} {key}".strip())
         return
     dtype = ours.dtype
     ours, oracle, ref64 = _finite_parts(ours, oracle, ref64)
