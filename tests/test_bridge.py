@@ -7,7 +7,7 @@ from transformers import GPT2LMHeadModel
 
 import functional_bridge as fb
 from helpers import gpt2_config, make_gpt2, max_diff, random_tokens
-from tolerance import assert_as_accurate_as, assert_within_gap, eps, float64_copy
+from tolerance import assert_as_accurate_as, check, eps, float64_copy
 
 
 def test_from_hf_adopts_the_hf_tensors_in_hf_order():
@@ -62,10 +62,10 @@ def test_from_pretrained_reads_a_saved_model(tmp_path, dtype):
         reference = float64_copy(hf)(tokens).logits
         if dtype is None:
             assert_as_accurate_as(bridge(tokens), hf(tokens).logits, reference)
-        else:  # as the half-precision parity tests: within twice HF's own distance to float32, or 1 unit of rounding
-            expected = hf.to(bridge.dtype)(tokens).logits
+        else:  # as the half-precision parity tests: as accurate as HF in bfloat16, up to one unit of rounding
+            hf_error = max_diff(hf.to(bridge.dtype)(tokens).logits, reference)
             ulp = eps(dtype) * reference.abs().max().item()
-            assert_within_gap(max_diff(bridge(tokens), expected), max_diff(expected, reference), floor=ulp, factor=2.0)
+            check(max_diff(bridge(tokens), reference) - hf_error, ulp, "error over HF's")
 
 
 def test_to_hf_shares_the_current_tensors(tmp_path):
