@@ -163,6 +163,10 @@ def test_return_types_and_loss_equal_hooked_transformers(pair):
     tokens = bridge.to_tokens(TEXTS[0])
     with torch.no_grad():
         assert_close(bridge(TEXTS[0], return_type="loss"), model(TEXTS[0], return_type="loss"), bridge)
+        for prepend_bos in (False, True):  # forward's per-call prepend_bos, on text
+            ours, theirs = bridge(TEXTS[0], prepend_bos=prepend_bos), model(TEXTS[0], prepend_bos=prepend_bos)
+            assert ours.shape == theirs.shape
+            assert_close(ours, theirs, bridge, what=f"prepend_bos={prepend_bos}")
         ours = bridge(tokens, return_type="both", loss_per_token=True)
         theirs = model(tokens, return_type="both", loss_per_token=True)
         assert ours.loss.shape == theirs.loss.shape == (1, tokens.shape[1] - 1)
