@@ -374,6 +374,30 @@ def test_stateful_hook_api_follows_transformer_lens(pair):
     assert_close(out, tl_out, bridge)
 
 
+def test_hook_contexts_persist_and_clear_as_hooked_transformers(pair):
+    """hook.ctx: kept across runs until a clear (run_with_hooks(clear_contexts=True), reset_hooks
+    with its default clear_contexts=True), as TL's HookPoint.ctx."""
+    bridge, model = pair
+    tokens = bridge.to_tokens(TEXTS[0])
+
+    def count(x, hook):
+        hook.ctx["calls"] = hook.ctx.get("calls", 0) + 1
+
+    def exercise(m):
+        seen = []
+        with torch.no_grad():
+            for clear in (False, False, True, False):
+                m.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", count)], clear_contexts=clear)
+                seen.append(m.hook_dict["blocks.0.hook_resid_pre"].ctx.get("calls"))
+            m.reset_hooks(clear_contexts=False)
+            seen.append(m.hook_dict["blocks.0.hook_resid_pre"].ctx.get("calls"))
+            m.reset_hooks()
+            seen.append(m.hook_dict["blocks.0.hook_resid_pre"].ctx.get("calls"))
+        return seen
+
+    assert exercise(bridge) == exercise(model) == [1, 2, None, 1, 1, None]
+
+
 def _fail(x, hook):
     raise ValueError("fail")
 
