@@ -38,10 +38,10 @@ class DemoSettings:
     threads: int | None = None  # what the command line chose (reported; set by __main__)
 
 
-# The analysis after training (interpret + report + PNG), in training-step equivalents, for the
-# progress line's ETA: measured as its CPU time over the mean training step's (one thread, AMD
-# EPYC; the ratio, not the seconds, carries over between machines).
-ANALYSIS_STEP_EQUIVALENTS = 60
+# The analysis after training (interpret, report, PNG) in training-step equivalents, for the
+# progress line's ETA: its time over the mean training step's, measured on a 2-core AMD EPYC at
+# one thread (32-33 for seeds 0-2; the ratio, unlike the seconds, carries over between machines).
+ANALYSIS_STEP_EQUIVALENTS = 32
 
 
 def default_out_dir() -> Path:

@@ -15,7 +15,7 @@ from .progress import ProgressBar
 
 @dataclass
 class TrainSettings:
-    steps: int = 2000
+    steps: int = 1200
     batch: int = 32
     lengths: tuple[int, int] = (8, 24)  # half-lengths L drawn per batch
     lr: float = 2e-3
