@@ -14,17 +14,18 @@ from pathlib import Path
 
 # --- Threads: the main job's choice, and why ------------------------------------------------
 # The demo's model is tiny (d_model 64, about a thousand tokens a step), so each op runs for
-# microseconds and a second OpenMP thread costs as much in fork/join as it saves: on a 2-core
-# AMD EPYC one thread ran 34 steps/s and two 31. Worse, when any other process is busy, the
-# second thread spin-waits for a core it cannot get (4 steps/s, 504 s instead of 65 s). One
-# thread is as fast on a quiet machine and unharmed on a busy one. `--threads N` overrides it;
-# so does an OMP_NUM_THREADS the user exported (we never overwrite the user's setting).
+# microseconds and a second OpenMP thread costs as much in fork/join as it saves. Measured on a
+# 2-core AMD EPYC (300 steps each): one thread 37 steps/s, and 30 with a busy process beside it;
+# two threads with OpenMP's default spin-waiting 35, but 8 beside a busy process (the second
+# thread spins for a core it cannot get); two with PASSIVE waiting 15, and 11 when busy. So one
+# thread by default (larger machines not measured). `--threads N` overrides it; so does an
+# OMP_NUM_THREADS the user exported (we never overwrite the user's settings).
 DEFAULT_THREADS = 1
-# With more than one thread, OpenMP's idle workers should sleep, not spin (PASSIVE), so they give
-# a busy machine's cores back. The OpenMP runtime reads OMP_WAIT_POLICY once, when torch loads
-# it; `python -m functional_bridge` has imported torch (through the package's __init__) before
-# this file runs, so the policy is set here and, when it matters (more than one thread), the
-# process restarts itself once so the runtime sees it. A user-set OMP_WAIT_POLICY is kept.
+# With more than one thread, OpenMP's idle workers sleep instead of spinning (PASSIVE), so they
+# give a busy machine's cores back (slower when quiet, as above, but no collapse). The OpenMP runtime reads OMP_WAIT_POLICY once, when torch
+# loads it; `python -m functional_bridge` has imported torch (through the package's __init__)
+# before this file runs, so the policy is set here and, when it matters (more than one thread),
+# the process restarts itself once so the runtime sees it. A user-set OMP_WAIT_POLICY is kept.
 WAIT_POLICY = "PASSIVE"
 
 

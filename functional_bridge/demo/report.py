@@ -78,10 +78,7 @@ PNG_DEPENDENCY_HINT = "pip install 'functional-bridge[plot]'"
 def pattern_figure(head: tuple[int, int], half: int, pattern):
     """A matplotlib Figure of one head's attention pattern [query_pos, key_pos] on x + x with
     half-length `half`: labelled axes and colorbar, and lines where the repeat starts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     fig = Figure(figsize=(5.5, 4.8))
     ax = fig.add_subplot()

@@ -15,6 +15,11 @@ from .progress import ProgressBar
 
 @dataclass
 class TrainSettings:
+    # The work, sized to finish under a minute on a quiet 2-core CPU at one thread: induction
+    # heads form (unseen-length score > 0.5) at step 700-800 for seeds 0-4, and 1200 steps give
+    # every seed 0-9 a head that zeroing the previous-token heads removes. Fewer tokens a step
+    # (batch 16, or half-lengths 4-16) delayed the formation past 1200 steps; batch 64 formed it
+    # at 500 steps but each step costs 1.8 times as much; lr 1e-3, 3e-3 and 4e-3 were slower.
     steps: int = 1200
     batch: int = 32
     lengths: tuple[int, int] = (8, 24)  # half-lengths L drawn per batch
