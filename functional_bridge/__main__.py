@@ -147,5 +147,15 @@ def main(argv=None, restart: bool = False) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the command without the interpreter's teardown: unloading torch and transformers took
+    2.5-3.5 s of a 46 s run on a 2-core AMD EPYC (from the last progress line to the process's
+    exit; 6-7 s on a loaded machine), time the user waits for nothing. Every file the job writes
+    is closed by then; the streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(restart=True))
+    exit_now(main(restart=True))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import random
 
 import pytest
 import torch
@@ -245,3 +246,30 @@ def test_progress_rate_follows_a_slowdown():
         bar.update(step, loss=1.0)
     assert bar.meter.rate == pytest.approx(2.5, rel=1e-3)
     assert bar.eta_seconds(200) == pytest.approx(800 / 2.5, rel=1e-3)
+
+
+class JitterClock:
+    """Step times drawn uniformly from 0.01-0.09 s (seeded): a steady mean of 20 steps/s, with
+    the jitter a shared machine gives."""
+
+    def __init__(self, seed: int):
+        self.now, self.random = 0.0, random.Random(seed)
+
+    def __call__(self) -> float:
+        self.now += self.random.uniform(0.01, 0.09)
+        return self.now
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progress_eta_is_steady_when_step_times_jitter(seed):
+    """Once five time constants (3 s each) have passed, every rate reading stays within 15% of
+    the true 20 steps/s: a time constant holds ~60 steps, whose mean step time has a relative
+    standard deviation of (0.08 / sqrt(12)) / 0.05 / sqrt(60) = 6%, and 15% is 2.5 of those. A
+    moving average over a fixed count of 0.05 s intervals read 13-36 steps/s here."""
+    bar = ProgressBar(2000, io.StringIO(), clock=JitterClock(seed))
+    readings = []
+    for step in range(1, 2001):
+        bar.update(step, loss=1.0)
+        if step > 300:  # 15 s
+            readings.append(bar.meter.rate)
+    assert all(abs(rate - 20.0) <= 0.15 * 20.0 for rate in readings), (min(readings), max(readings))

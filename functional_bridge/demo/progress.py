@@ -7,16 +7,21 @@ CI) it prints a plain line every tenth of the run instead, so logs hold no `\\r`
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 
 class RateMeter:
-    """Steps per second as an exponential moving average of per-interval rates, ignoring the
-    first `warmup_steps` steps (allocator and kernel warm-up make them slow and unrepresentative)."""
+    """Steps per second as an exponential moving average of per-interval rates, each interval
+    weighted by its duration (time constant `time_constant` seconds), ignoring the first
+    `warmup_steps` steps (allocator and kernel warm-up make them slow and unrepresentative).
+    Weighting by time, not by interval, keeps the ETA steady when step times jitter (a shared
+    machine; averaging over a fixed count of ~0.05 s intervals swung the ETA by a third) and
+    still follows a lasting slowdown within a few time constants."""
 
-    def __init__(self, warmup_steps: int = 5, smoothing: float = 0.3):
-        self.warmup_steps, self.smoothing = warmup_steps, smoothing
+    def __init__(self, warmup_steps: int = 5, time_constant: float = 3.0):
+        self.warmup_steps, self.time_constant = warmup_steps, time_constant
         self.rate: float | None = None
         self._mark: tuple[int, float] | None = None  # (step, time) at the last measurement
 
@@ -29,8 +34,10 @@ class RateMeter:
         last_step, last_time = self._mark
         if step == last_step or now - last_time < 0.05:  # too short an interval to measure
             return
-        rate = (step - last_step) / (now - last_time)
-        self.rate = rate if self.rate is None else self.rate + self.smoothing * (rate - self.rate)
+        seconds = now - last_time
+        rate = (step - last_step) / seconds
+        weight = 1.0 - math.exp(-seconds / self.time_constant)
+        self.rate = rate if self.rate is None else self.rate + weight * (rate - self.rate)
         self._mark = (step, now)
 
 
