@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .analysis import ActivationCache, FactoredMatrix, all_composition_scores, ov_circuit, qk_circuit
-from .architectures import config_from_hf, family_for, family_for_architecture
+from .architectures import config_from_hf, family_for, family_for_architecture, hf_architecture
 from .config import BridgeConfig
-from .hf_io import build_hf_model, hf_params, load_hf_model
+from .hf_io import build_hf_model, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
 from .model import forward, run_with_cache, run_with_hooks
 from .params import ParamsStructureError, check_params, params_device, params_dtype
@@ -27,7 +27,7 @@ from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weight
 
 
 class Bridge(nn.Module):
-    """An HF causal LM as one pytree of HF leaves, with TransformerLens's view of it."""
+    """An HF causal LM (or BERT encoder) as one pytree of HF leaves, with TransformerLens's view of it."""
 
     def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None):
         super().__init__()
@@ -44,18 +44,16 @@ class Bridge(nn.Module):
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Bridge":
         """Adopt an HF model's own tensors (zero copy): training either trains both."""
-        family_for_architecture(type(model).__name__)  # clear error for unsupported classes
-        return cls(hf_params(model), config_from_hf(model.config), copy.deepcopy(model.config))
+        family = family_for_architecture(type(model).__name__)  # the class decides; clear error if unsupported
+        return cls(hf_params(model), family.config_from_hf(model.config), copy.deepcopy(model.config))
 
     @classmethod
     def from_config(cls, hf_config, seed: int = 0) -> "Bridge":
         """A randomly initialised model (HF's own init, seeded) from an HF config."""
-        import transformers
-
         config_from_hf(hf_config)  # refuse unsupported configs before building anything
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+            model = hf_class(hf_architecture(hf_config))._from_config(hf_config)  # as HF's Auto classes build it
         return cls.from_hf(model)
 
     @classmethod
@@ -140,9 +138,12 @@ class Bridge(nn.Module):
 
     # running ----------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None) -> Tensor:
-        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``."""
-        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks)
+    def forward(
+        self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``.
+        token_type_ids: an encoder's (BERT's) segment ids."""
+        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks, token_type_ids=token_type_ids)
 
     def run_with_cache(
         self,
@@ -151,17 +152,22 @@ class Bridge(nn.Module):
         attention_mask: Tensor | None = None,
         fwd_hooks=(),
         detach: bool = True,
+        token_type_ids: Tensor | None = None,
     ):
         """(logits, ActivationCache). Detaches the cache by default, as TransformerLens does.
         The cache's analyses read this bridge's parameters when they are called."""
         logits, cache = run_with_cache(
             self.params, tokens, self.cfg, names_filter=names_filter,
-            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach,
+            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach, token_type_ids=token_type_ids,
         )  # fmt: skip
         return logits, ActivationCache(cache, self)
 
-    def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
-        return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
+    def run_with_hooks(
+        self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        return run_with_hooks(
+            self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )  # fmt: skip
 
     # processing and TL edits ------------------------------------------------------------------
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import gpt2, gptj, llama, neox
-from .family import Family
+from . import bert, gpt2, gptj, llama, neox
+from .family import CAUSAL_LM, Family
 
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
+    bert.FOR_MASKED_LM, bert.FOR_PRETRAINING,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}
@@ -34,8 +35,18 @@ def family_for(cfg: BridgeConfig) -> Family:
     return family_for_architecture(cfg.original_architecture)
 
 
+def require_causal_lm(cfg: BridgeConfig, what: str) -> None:
+    """Refuse, by name, a causal-LM-only feature for a model of another kind (an encoder)."""
+    kind = family_for(cfg).kind
+    if kind != CAUSAL_LM:
+        raise ValueError(
+            f"{what} is for causal LMs; {cfg.original_architecture} is a {kind.replace('_', ' ')} model "
+            "(an encoder: bidirectional attention, no next token to predict)"
+        )
+
+
 def hf_architecture(hf_config) -> str:
-    """The causal-LM class name an HF config describes (its first listed architecture, else the
+    """The model class name an HF config describes (its first listed architecture, else the
     one registered for its model_type)."""
     architectures = getattr(hf_config, "architectures", None) or []
     for arch in architectures:
