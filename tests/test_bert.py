@@ -189,6 +189,18 @@ def test_causal_lm_only_api_is_refused_by_name():
         bridge.processed()
     with pytest.raises(ValueError, match="HookedEncoder"):
         fb.process_weights(bridge.params, bridge.cfg, fold_ln=False, center_writing_weights=False)
+    _, cache = bridge.run_with_cache(tokens)
+    post_ln = "LayerNorms rewrite the residual stream after every sublayer"
+    for name, call in [
+        ("decompose_resid", lambda: cache.decompose_resid()),
+        ("get_full_resid_decomposition", lambda: cache.get_full_resid_decomposition()),
+        ("apply_ln_to_stack", lambda: cache.accumulated_resid(apply_ln=True)),
+        ("apply_ln_to_stack", lambda: cache.logit_attrs(cache.stack_head_results(), tokens)),
+        ("incl_remainder", lambda: cache.stack_head_results(incl_remainder=True)),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{name}.* is for causal LMs.*{post_ln}"):
+            call()
+    assert cache.stack_head_results().shape == (12, 2, 6, 48)  # per-head outputs need no sum
 
 
 def test_unknown_hook_names_list_hooked_encoders():

@@ -35,13 +35,12 @@ def family_for(cfg: BridgeConfig) -> Family:
     return family_for_architecture(cfg.original_architecture)
 
 
-def require_causal_lm(cfg: BridgeConfig, what: str) -> None:
+def require_causal_lm(cfg: BridgeConfig, what: str, why: str = "bidirectional attention, no next token to predict") -> None:
     """Refuse, by name, a causal-LM-only feature for a model of another kind (an encoder)."""
     kind = family_for(cfg).kind
     if kind != CAUSAL_LM:
         raise ValueError(
-            f"{what} is for causal LMs; {cfg.original_architecture} is a {kind.replace('_', ' ')} model "
-            "(an encoder: bidirectional attention, no next token to predict)"
+            f"{what} is for causal LMs; {cfg.original_architecture} is a {kind.replace('_', ' ')} model (an encoder: {why})"
         )
 
 
