@@ -113,3 +113,20 @@ def test_functional_call_and_vmap_over_rows_equal_the_batched_forward():
 
         rows = vmap(one)(tokens, mask, types)
     assert max_diff(rows, batched) <= 1e-4 * batched.abs().max()
+
+
+@pytest.mark.slow
+def test_compiled_forward_and_cache_equal_eager():
+    """fullgraph torch.compile through the encoder dispatch, token types and the padding mask."""
+    torch._dynamo.reset()
+    bridge = fb.Bridge.from_hf(make_bert())
+    params = {k: v.detach() for k, v in bridge.params.items()}
+    tokens, mask, types = bert_batch([9, 5], "right")
+    inputs = dict(attention_mask=mask, token_type_ids=types)
+    with torch.no_grad():
+        eager, eager_cache = fb.run_with_cache(params, tokens, bridge.cfg, **inputs)
+        compiled = torch.compile(fb.forward, fullgraph=True)(params, tokens, bridge.cfg, **inputs)
+        logits, cache = torch.compile(fb.run_with_cache, fullgraph=True)(params, tokens, bridge.cfg, **inputs)
+    bound = 1e-4 * eager.abs().max()
+    assert max_diff(compiled, eager) <= bound and max_diff(logits, eager) <= bound
+    assert list(cache) == list(eager_cache)
