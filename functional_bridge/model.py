@@ -136,6 +136,9 @@ def check_inputs(
     return tokens, attention_mask
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
+
+
 def check_token_type_ids(token_type_ids: Tensor | None, tokens: Tensor, cfg: BridgeConfig) -> Tensor | None:
     """Validate an encoder's token types against checked tokens [batch, pos]; return them as
     [batch, pos] (a 1-D one gets batch 1). Models without token types refuse them."""
@@ -143,8 +146,9 @@ def check_token_type_ids(token_type_ids: Tensor | None, tokens: Tensor, cfg: Bri
         return None
     if not cfg.n_token_types:
         raise ValueError(f"token_type_ids given, but {cfg.original_architecture} has no token-type embeddings")
-    if not isinstance(token_type_ids, Tensor) or token_type_ids.is_floating_point() or token_type_ids.is_complex() or token_type_ids.dtype == torch.bool:
-        raise TypeError(f"token_type_ids must be an integer tensor, got {getattr(token_type_ids, 'dtype', type(token_type_ids).__name__)}")
+    if not isinstance(token_type_ids, Tensor) or token_type_ids.dtype not in _INDEX_DTYPES:
+        got = token_type_ids.dtype if isinstance(token_type_ids, Tensor) else type(token_type_ids).__name__
+        raise TypeError(f"token_type_ids must be an integer tensor (signed: uint8 would index as a mask), got {got}")
     if token_type_ids.dim() == 1:
         token_type_ids = token_type_ids[None]
     if token_type_ids.shape != tokens.shape:

@@ -173,8 +173,9 @@ def test_bad_token_types_are_refused_by_name():
         bridge(tokens, token_type_ids=types + 1)
     with pytest.raises(ValueError, match="token_type_ids has shape"):
         bridge(tokens, token_type_ids=types[:, :3])
-    with pytest.raises(TypeError, match="token_type_ids must be an integer tensor"):
-        bridge(tokens, token_type_ids=types.float())
+    for wrong in (types.float(), types.to(torch.uint8), types.bool()):  # uint8 and bool would index as masks
+        with pytest.raises(TypeError, match="token_type_ids must be an integer tensor"):
+            bridge(tokens, token_type_ids=wrong)
     gpt2 = fb.Bridge.from_hf(make_gpt2())
     with pytest.raises(ValueError, match="GPT2LMHeadModel has no token-type embeddings"):
         gpt2(tokens, token_type_ids=types)

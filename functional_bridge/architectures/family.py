@@ -8,7 +8,8 @@ that builds a Family, registered in ``architectures/__init__.py``.
 Most families are causal LMs run by ``model.py``'s decoder stack. A family whose model is not
 (BERT's post-LN masked-LM encoder) brings its own pure ``forward`` and ``hook_names`` and says
 what it is in ``kind``; ``model.py`` and ``hooks.py`` dispatch to them, and the causal-LM-only
-API (next-token loss, processing) refuses other kinds by name (``architectures.require_causal_lm``).
+API (per_example_grads' default next-token loss, the residual decompositions) refuses other kinds
+by name (``architectures.require_causal_lm``), as processing does where ``no_processing`` says why.
 """
 
 from __future__ import annotations
