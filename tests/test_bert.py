@@ -223,6 +223,9 @@ def test_hf_from_tl_inverts_tl_weights(architecture):
     for name, value in params.items():
         assert torch.equal(back[name], value), name
         assert back[name].untyped_storage().data_ptr() != value.untyped_storage().data_ptr(), name
+    tl = fam.tl_weights(params, cfg)
+    again = fam.tl_weights(fam.hf_from_tl(tl, cfg, ()), cfg)
+    assert list(again) == list(tl) and all(torch.equal(again[key], value) for key, value in tl.items())
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -236,6 +239,10 @@ def test_to_hf_and_from_config(architecture):
     tokens, mask, types = bert_batch([9, 5], "right")
     with torch.no_grad():
         assert torch.equal(hf_logits(exported, tokens, attention_mask=mask), hf_logits(hf, tokens, attention_mask=mask))
+    other = fb.Bridge.from_hf(make_bert(architecture, seed=1))
+    assert set(other.state_dict()) == set(hf.state_dict())  # HF's keys, tied decoder aliases included
+    other.load_state_dict(hf.state_dict())
+    assert all(torch.equal(other.params[name], p) for name, p in hf.named_parameters())
     config = bert_config(architectures=[architecture])
     fresh = fb.Bridge.from_config(config, seed=3)
     torch.manual_seed(3)
