@@ -173,9 +173,11 @@ def test_bad_token_types_are_refused_by_name():
         bridge(tokens, token_type_ids=types + 1)
     with pytest.raises(ValueError, match="token_type_ids has shape"):
         bridge(tokens, token_type_ids=types[:, :3])
-    for wrong in (types.float(), types.to(torch.uint8), types.bool()):  # uint8 and bool would index as masks
+    for wrong in (types.float(), types.bool()):
         with pytest.raises(TypeError, match="token_type_ids must be an integer tensor"):
             bridge(tokens, token_type_ids=wrong)
+    with torch.no_grad():  # small integer types are ids, never a boolean mask
+        assert torch.equal(bridge(tokens, token_type_ids=types.to(torch.uint8)), bridge(tokens, token_type_ids=types))
     gpt2 = fb.Bridge.from_hf(make_gpt2())
     with pytest.raises(ValueError, match="GPT2LMHeadModel has no token-type embeddings"):
         gpt2(tokens, token_type_ids=types)
