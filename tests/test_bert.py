@@ -231,7 +231,7 @@ def test_hf_from_tl_inverts_tl_weights(architecture):
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_to_hf_and_from_config(architecture):
+def test_to_hf_from_config_and_from_pretrained(architecture, tmp_path):
     hf = make_bert(architecture)
     bridge = fb.Bridge.from_hf(hf)
     exported = bridge.to_hf()
@@ -252,6 +252,9 @@ def test_to_hf_and_from_config(architecture):
     assert fresh.cfg.original_architecture == architecture
     assert all(torch.equal(fresh.params[n], p) for n, p in expected.named_parameters())
     assert fb.Bridge.from_config(bert_config()).cfg.original_architecture == "BertForMaskedLM"
+    hf.save_pretrained(tmp_path)
+    loaded = fb.Bridge.from_pretrained(str(tmp_path))
+    assert loaded.cfg == bridge.cfg and all(torch.equal(loaded.params[n], p) for n, p in hf.named_parameters())
 
 
 def test_stacked_weights_use_hooked_encoders_names():
