@@ -82,7 +82,9 @@ def test_bridge_processed_is_a_new_bridge_and_the_original_is_untouched():
     processed = bridge.processed()
     for name, value in bridge.state_dict().items():
         assert torch.equal(value, before[name]), name
-    assert processed.cfg == bridge.cfg and processed.hf_config.to_dict() == bridge.hf_config.to_dict()
+    assert processed.cfg == bridge.cfg
+    # the same HF config, except that it says what processing did: the head is untied now
+    assert processed.hf_config.to_dict() == {**bridge.hf_config.to_dict(), "tie_word_embeddings": False}
     assert list(processed.params) == [*bridge.params, "unembed.b_U", "lm_head.weight"]
     assert all(p.requires_grad and p.is_leaf for p in processed.parameters())
     assert not storages(processed.params) & storages(bridge.params)
