@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ..architectures import require_causal_lm
 from ..config import BridgeConfig
 from .circuits import head_weight
 from .names import act_name
@@ -22,6 +23,12 @@ from .slicing import selected_indices, take
 
 CENTRED_NORMS = ("LN", "LNPre")
 NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+
+
+def _require_pre_ln(cache, what: str) -> None:
+    """Decompositions read the residual stream as a sum of the embeddings and the blocks' outputs,
+    normalised only where a block reads it: true of pre-LN causal LMs, not of BERT's post-LN stream."""
+    require_causal_lm(cache.cfg, what, "its LayerNorms rewrite the residual stream after every sublayer, so it is no sum of components")
 
 
 def _final(cache, layer: int | None) -> int:
@@ -72,6 +79,7 @@ def decompose_resid(
 ):
     """The residual stream into ``layer`` as the embeddings plus each block's attention and MLP
     outputs (mode "all", "attn" or "mlp"): [n_components, *batch_and_pos, d_model]."""
+    _require_pre_ln(cache, "decompose_resid")
     if mode not in ("all", "attn", "mlp"):
         raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
     layer = _final(cache, layer)
@@ -152,6 +160,7 @@ def _finish_stack(cache, components, labels, layer, pos_slice, incl_remainder, a
     """The end of the stack_* functions: append what the components leave of resid_post of block
     ``layer - 1`` ("remainder"), apply the norm that reads block ``layer``'s input if asked, label."""
     if incl_remainder:
+        _require_pre_ln(cache, "incl_remainder")
         resid = take(cache["resid_post", layer - 1], pos_slice, -2)
         components = torch.cat([components, (resid - components.sum(0))[None]])
         labels = [*labels, "remainder"]
@@ -184,6 +193,7 @@ def get_full_resid_decomposition(
 ):
     """The residual stream into ``layer`` as every head, every neuron (or MLP, expand_neurons=
     False), the embeddings and the summed biases ("bias"): [n_components, *batch_and_pos, d_model]."""
+    _require_pre_ln(cache, "get_full_resid_decomposition")
     layer = _final(cache, layer)
     heads, labels = stack_head_results(cache, layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True)
     components = [heads]
@@ -218,6 +228,7 @@ def apply_ln_to_stack(
     belongs to the whole residual stream, which is why it is read from the cache.
     recompute_ln at the final layer instead applies ln_final (weights included) with statistics
     of each component itself, as TransformerLens's logit lens does."""
+    _require_pre_ln(cache, "apply_ln_to_stack (apply_ln, logit_attrs)")
     cfg = cache.cfg
     if cfg.normalization_type not in NORMS:
         return residual_stack
