@@ -1,5 +1,6 @@
-"""Circuits, composition scores, SVDInterpreter and ActivationCache against TransformerLens 3.9
-on the same GPT-2 (HookedTransformer built from the same HF weights, no processing)."""
+"""Circuits, composition scores, SVDInterpreter and a processed bridge's ActivationCache against
+TransformerLens 3.9 on the same GPT-2 (HookedTransformer built from the same HF weights, no
+processing unless said)."""
 
 import pytest
 import torch
@@ -124,109 +125,7 @@ def test_svd_interpreter_is_never_stale(transformer_lens):
     assert equal_up_to_sign(before, after) > 1e-2
 
 
-# ActivationCache ----------------------------------------------------------------------------
-
-OPTIONS = {
-    "accumulated_resid": [
-        {}, {"layer": 2, "incl_mid": True}, {"apply_ln": True}, {"layer": 1, "apply_ln": True, "mlp_input": True},
-        {"apply_ln": True, "pos_slice": -1}, {"pos_slice": (1, 4), "incl_mid": True}, {"layer": 0},
-        {"layer": 2, "apply_ln": True, "incl_mid": True, "pos_slice": [0, 5]},
-    ],
-    "decompose_resid": [
-        {}, {"layer": 2, "mlp_input": True, "apply_ln": True}, {"mode": "attn", "apply_ln": True, "pos_slice": [0, 3]},
-        {"mode": "mlp", "incl_embeds": False}, {"layer": 0, "mlp_input": True}, {"apply_ln": True, "pos_slice": -1},
-    ],
-    "stack_head_results": [
-        {}, {"layer": 2, "apply_ln": True}, {"incl_remainder": True, "pos_slice": 2}, {"layer": 0},
-        {"layer": 1, "incl_remainder": True, "apply_ln": True}, {"apply_ln": True, "pos_slice": (2, 6)},
-    ],
-    "get_full_resid_decomposition": [
-        {}, {"layer": 2, "mlp_input": True, "apply_ln": True}, {"expand_neurons": False, "apply_ln": True, "pos_slice": -1},
-        {"layer": 0}, {"layer": 0, "mlp_input": True, "expand_neurons": False}, {"layer": 1, "apply_ln": True},
-    ],
-    "stack_neuron_results": [
-        {"layer": 2}, {"layer": 3, "apply_ln": True, "pos_slice": -1}, {"layer": 1, "neuron_slice": (10, 20), "incl_remainder": True},
-    ],
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def caches(request):
-    import transformer_lens
-
-    bridge, model = models(transformer_lens, request.param)
-    tokens = random_tokens(3, 7, 97)
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens)
-        _, tl_cache = model.run_with_cache(tokens)
-    return cache, tl_cache, tokens, request.param
-
-
-CALLS = [(method, options) for method, option_list in OPTIONS.items() for options in option_list]
-
-
-@pytest.mark.parametrize("method,options", CALLS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CALLS)])
-def test_decompositions_equal_transformer_lens(caches, method, options):
-    cache, tl_cache, _, dtype = caches
-    ours, labels = getattr(cache, method)(return_labels=True, **options)
-    theirs, tl_labels = getattr(tl_cache, method)(return_labels=True, **options)
-    assert labels == tl_labels
-    if "bias" in labels and dtype == torch.float64:
-        # TransformerLens sums the biases in a float32 buffer (torch.zeros' default dtype)
-        # whatever the model's dtype; the other rows are compared at float64 precision.
-        row = labels.index("bias")
-        assert rel(ours[row], theirs[row]) <= 1e-6
-        ours, theirs = torch.cat([ours[:row], ours[row + 1 :]]), torch.cat([theirs[:row], theirs[row + 1 :]])
-    assert rel(ours, theirs) <= TOLERANCE[dtype]
-
-
-def test_apply_ln_logit_attrs_and_stack_activation_equal_transformer_lens(caches):
-    cache, tl_cache, tokens, dtype = caches
-    tol = TOLERANCE[dtype]
-    stack, tl_stack = cache.decompose_resid(), tl_cache.decompose_resid()  # [n, batch, pos, d_model]
-    for layer, mlp_input in ((None, False), (1, True), (2, False), (0, False)):
-        assert rel(cache.apply_ln_to_stack(stack, layer, mlp_input), tl_cache.apply_ln_to_stack(tl_stack, layer, mlp_input)) <= tol
-    assert rel(
-        cache.apply_ln_to_stack(stack, pos_slice=None, batch_slice=(1, 3)),  # slices the stack too
-        tl_cache.apply_ln_to_stack(tl_stack, pos_slice=None, batch_slice=(1, 3)),
-    ) <= tol  # fmt: skip
-    assert rel(cache.apply_ln_to_stack(stack, recompute_ln=True), tl_cache.apply_ln_to_stack(tl_stack, recompute_ln=True)) <= tol
-    next_tokens = torch.roll(tokens, -1, dims=1)
-    for correct, incorrect in ((next_tokens, None), (next_tokens, tokens), (5, None), (torch.tensor(5), 7)):
-        ours = cache.logit_attrs(stack, correct, incorrect_tokens=incorrect)
-        theirs = tl_cache.logit_attrs(tl_stack, correct, incorrect_tokens=incorrect)
-        assert rel(ours, theirs) <= tol
-    last, tl_last = cache.decompose_resid(pos_slice=-1), tl_cache.decompose_resid(pos_slice=-1)  # [n, batch, d_model]
-    ours = cache.logit_attrs(last, next_tokens[:, -1], tokens[:, -1], pos_slice=-1)
-    assert rel(ours, tl_cache.logit_attrs(tl_last, next_tokens[:, -1], tokens[:, -1], pos_slice=-1)) <= tol
-    with pytest.raises(ValueError, match="same shape"):
-        cache.logit_attrs(stack, next_tokens, 3)
-    for args in (("pattern",), ("resid_pre", 2), ("scale", -1, "ln2"), ("z", 1)):
-        assert rel(cache.stack_activation(*args), tl_cache.stack_activation(*args)) <= tol
-
-
-def test_keys_shorthands_and_batch_removal_equal_transformer_lens(transformer_lens):
-    bridge, model = models(transformer_lens)
-    tokens = random_tokens(1, 6, 97)
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(tokens)
-        _, tl_cache = model.run_with_cache(tokens)
-    assert list(cache.keys()) == list(tl_cache.keys()) and len(cache) == len(tl_cache)
-    for key in ("k1", ("pattern", 0), ("resid_post", -1), ("scale", 2, "ln2"), "scale", "embed", ("normalized", 1, "ln1")):
-        assert torch.equal(cache[key] == cache[key], tl_cache[key] == tl_cache[key])  # same hook picked
-        assert rel(cache[key], tl_cache[key]) <= 1e-5
-    single, tl_single = cache.remove_batch_dim(), tl_cache.remove_batch_dim()
-    assert not single.has_batch_dim and cache.has_batch_dim  # a new cache; TL edits its own
-    assert {k: v.shape for k, v in single.items()} == {k: v.shape for k, v in tl_single.items()}
-    for method, options in [
-        ("accumulated_resid", {"apply_ln": True}), ("accumulated_resid", {"layer": 2, "apply_ln": True, "incl_mid": True}),
-        ("decompose_resid", {"apply_ln": True, "pos_slice": -1}), ("stack_head_results", {"apply_ln": True}),
-        ("get_full_resid_decomposition", {"apply_ln": True, "expand_neurons": False}),
-    ]:  # fmt: skip
-        assert rel(getattr(single, method)(**options), getattr(tl_single, method)(**options)) <= 1e-5
-    stack, tl_stack = single.decompose_resid(), tl_single.decompose_resid()  # [n, pos, d_model]
-    ours = single.logit_attrs(stack, tokens[0], has_batch_dim=False)
-    assert rel(ours, tl_single.logit_attrs(tl_stack, tokens[0], has_batch_dim=False)) <= 1e-5
+# ActivationCache (the rest: test_tl_oracle_activation_cache.py) ----------------------------
 
 
 def test_processed_bridge_analyses_equal_processed_hooked_transformer(transformer_lens):
