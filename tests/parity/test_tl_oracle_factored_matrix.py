@@ -1,14 +1,17 @@
 """FactoredMatrix and composition_scores against TransformerLens 3.9's, on random inputs.
 
-Where a result depends on the arbitrary signs of singular vectors (U, V, collapse_l,
-collapse_r, make_even's factors) the comparison is on invariants: singular values, products,
-Gram matrices, and |U_ours^T U_TL| = I (each vector equal up to sign; the random spectra have
-well-separated singular values, so the vectors are determined up to sign)."""
+FactoredMatrix runs TL's operations in TL's order (products, indexing, the SVD from the SVDs
+of the factors), so every result is bitwise equal to TL's on the same inputs, singular vectors'
+signs included. composition_scores is computed differently (a QR core, never the d_model
+products), so it is compared within a bound grounded in float64."""
+
+import warnings
 
 import pytest
 import torch
 
 from functional_bridge.analysis import FactoredMatrix, composition_scores
+from test_factored_matrix import Wrapped
 
 pytestmark = pytest.mark.oracle
 
@@ -17,8 +20,9 @@ CASES = [  # (lead A, lead B, ldim, mdim, rdim)
     ((3,), (3,), 8, 5, 8),
     ((2, 1), (3,), 6, 3, 10),
     ((4,), (), 5, 8, 6),  # mdim larger than ldim and rdim
+    ((1,), (), 6, 6, 6),  # a leading 1
 ]
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+DTYPES = [torch.float64, torch.float32]
 
 
 def pair(case, dtype, seed=0):
@@ -41,94 +45,99 @@ def TLFactoredMatrix(transformer_lens):
     return TL
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def same(ours, theirs) -> bool:
+    """Bitwise equal FactoredMatrices (or tensors, or tensor-likes)."""
+    if isinstance(theirs, Wrapped):
+        return isinstance(ours, Wrapped) and torch.equal(ours.tensor, theirs.tensor)
+    if isinstance(theirs, torch.Tensor):
+        return torch.equal(ours, theirs)
+    return ours.shape == theirs.shape and ours.mdim == theirs.mdim and same(ours.A, theirs.A) and same(ours.B, theirs.B)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_products_shapes_and_indexing_equal_transformer_lens(TLFactoredMatrix, case, dtype):
-    tol = TOLERANCE[dtype]
+def test_shapes_and_products_equal_transformer_lens(TLFactoredMatrix, case, dtype):
     A, B = pair(case, dtype)
     ours, theirs = FactoredMatrix(A, B), TLFactoredMatrix(A, B)
-    assert ours.shape == theirs.shape and ours.ndim == theirs.ndim
-    assert (ours.ldim, ours.mdim, ours.rdim) == (theirs.ldim, theirs.mdim, theirs.rdim)
-    assert [x.shape for x in ours.pair] == [x.shape for x in theirs.pair]
-    assert torch.equal(ours.AB, theirs.AB) and torch.equal(ours.T.AB, theirs.T.AB)
+    assert ours.shape == theirs.shape and ours.ndim == theirs.ndim and repr(ours) == repr(theirs)
+    assert (ours.ldim, ours.mdim, ours.rdim, ours.has_leading_dims) == (theirs.ldim, theirs.mdim, theirs.rdim, theirs.has_leading_dims)
+    assert all(same(x, y) for x, y in zip(ours.pair, theirs.pair))
+    assert same(ours.AB, theirs.AB) and same(ours.T, theirs.T)
     if ours.ldim == ours.rdim:
-        assert torch.equal(ours.BA, theirs.BA)
+        assert same(ours.BA, theirs.BA)
     gen = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
     right_vector, left_vector = rand(ours.rdim), rand(ours.ldim)
-    assert rel(ours @ right_vector, theirs @ right_vector) <= tol
-    assert rel(left_vector @ ours, left_vector @ theirs) <= tol
-    for n in (2, 11):
-        right_matrix, left_matrix = rand(ours.rdim, n), rand(n, ours.ldim)
-        for mine, tl in ((ours @ right_matrix, theirs @ right_matrix), (left_matrix @ ours, left_matrix @ theirs)):
-            assert mine.mdim == tl.mdim and mine.shape == tl.shape
-            assert rel(mine.AB, tl.AB) <= tol
+    assert same(ours @ right_vector, theirs @ right_vector) and same(left_vector @ ours, left_vector @ theirs)
+    for n in (2, 11):  # fewer and more columns than mdim: the product keeps the smaller inner dim
+        right_matrix, left_matrix = rand(ours.rdim, n), rand(1, n, ours.ldim)  # (a leading dim that broadcasts)
+        assert same(ours @ right_matrix, theirs @ right_matrix) and same(left_matrix @ ours, left_matrix @ theirs)
+        assert same(ours @ Wrapped(right_matrix), theirs @ Wrapped(right_matrix))  # tensor-likes: same dispatch
+        assert same(Wrapped(left_matrix) @ ours, Wrapped(left_matrix) @ theirs)
+    assert same(ours @ Wrapped(right_vector), theirs @ Wrapped(right_vector))
     other_A, other_B = rand(ours.rdim, 3), rand(3, 4)
-    chained, tl_chained = ours @ FactoredMatrix(other_A, other_B), theirs @ TLFactoredMatrix(other_A, other_B)
-    assert chained.shape == tl_chained.shape and chained.mdim == tl_chained.mdim
-    assert rel(chained.AB, tl_chained.AB) <= tol
-    assert torch.equal((ours * 3.0).AB, (theirs * 3.0).AB)
-    assert torch.equal(ours.get_corner(), theirs.get_corner())
-    assert torch.equal(ours.get_corner(2), theirs.get_corner(2))
+    assert same(ours @ FactoredMatrix(other_A, other_B), theirs @ TLFactoredMatrix(other_A, other_B))
+    assert same(ours * 3.0, theirs * 3.0) and same(2 * ours, 2 * theirs) and same(ours * torch.tensor(0.5, dtype=dtype), theirs * torch.tensor(0.5, dtype=dtype))
+    assert same(ours.get_corner(), theirs.get_corner()) and same(ours.get_corner(2), theirs.get_corner(2))
+    for k in range(ours.ndim - 1):
+        assert same(ours.unsqueeze(k), theirs.unsqueeze(k))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_indexing_equals_transformer_lens(TLFactoredMatrix, case):
+    """TL 3.9's index forms (ints, slices, sequences, None; an int at a matrix dim keeps it).
+    With ``...`` TL 3.9 mis-assigns the entries (test_factored_matrix.py checks ours against the
+    dense product)."""
+    A, B = pair(case, torch.float64)
+    ours, theirs = FactoredMatrix(A, B), TLFactoredMatrix(A, B)
     n_lead = ours.ndim - 2
-    indices = [(0,), (slice(1, None),), (None,)] if n_lead else []
-    indices += [(*(0,) * n_lead, 2), (*(0,) * n_lead, -1, slice(1, 3)), (*(slice(None),) * n_lead, slice(0, 2), -1)]
+    lead = (0,) * n_lead
+    indices = [(*lead, 2), (*lead, -1), (*lead, -1, slice(1, 3)), (*lead, slice(0, 2), -1), (*lead, -1, -1), (*lead, [0, 2], [1])]
+    indices += [(*(slice(None),) * n_lead, torch.tensor([3, 1]), 2)]
+    if n_lead:
+        indices += [(0,), (slice(1, None),), (None,), (-1,), ([0, 0],), (None, 0)]
     for index in indices:
-        mine, tl = ours[index], theirs[index]
-        assert mine.shape == tl.shape, index
-        assert torch.equal(mine.AB, tl.AB), index
-    for k in range(n_lead + 1):
-        assert ours.unsqueeze(k).shape == theirs.unsqueeze(k).shape
+        assert same(ours[index], theirs[index]), index
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_spectra_equal_transformer_lens(TLFactoredMatrix, case, dtype):
-    tol = TOLERANCE[dtype]
+    """The SVD, its factors' forms, the norm and the eigenvalues: bitwise TL's (the same
+    decompositions in the same order), so the singular vectors have TL's signs too."""
     A, B = pair(case, dtype, seed=2)
     ours, theirs = FactoredMatrix(A, B), TLFactoredMatrix(A, B)
-    U, S, V = ours.svd()
-    tU, tS, tV = theirs.svd()
-    assert (U.shape, S.shape, V.shape) == (tU.shape, tS.shape, tV.shape)
-    assert rel(S, tS) <= tol
-    assert rel(ours.norm(), theirs.norm()) <= tol
-    assert rel(U @ torch.diag_embed(S) @ V.mT, tU @ torch.diag_embed(tS) @ tV.mT) <= tol
-    eye = torch.eye(S.shape[-1], dtype=torch.float64)
-    vector_tol = 1e-8 if dtype == torch.float64 else 1e-5  # cosines: sensitive to singular gaps
-    assert ((U.double().mT @ tU.double()).abs() - eye).abs().max() <= vector_tol
-    assert ((V.double().mT @ tV.double()).abs() - eye).abs().max() <= vector_tol
-    left, tl_left = ours.collapse_l(), theirs.collapse_l()  # S V^T: compare V S^2 V^T
-    right, tl_right = ours.collapse_r(), theirs.collapse_r()  # U S: compare U S^2 U^T
-    assert left.shape == tl_left.shape and right.shape == tl_right.shape
-    assert rel(left.mT @ left, tl_left.mT @ tl_left) <= tol
-    assert rel(right @ right.mT, tl_right @ tl_right.mT) <= tol
-    even, tl_even = ours.make_even(), theirs.make_even()
-    assert even.shape == tl_even.shape and even.mdim == tl_even.mdim
-    assert rel(even.AB, tl_even.AB) <= tol
-    assert rel(even.A.mT @ even.A, tl_even.A.mT @ tl_even.A) <= tol  # both diag(S)
+    assert all(same(x, y) for x, y in zip(ours.svd(), theirs.svd()))
+    assert same(ours.U, theirs.U) and same(ours.S, theirs.S) and same(ours.V, theirs.V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert same(ours.Vh, theirs.Vh)
+    assert same(ours.norm(), theirs.norm())
+    assert same(ours.collapse_l(), theirs.collapse_l()) and same(ours.collapse_r(), theirs.collapse_r())
+    assert same(ours.make_even(), theirs.make_even())
     if ours.ldim == ours.rdim:
-        mine, tl = ours.eigenvalues, theirs.eigenvalues  # same multiset, any order
-        assert mine.shape == tl.shape
-        distance = (mine[..., :, None] - tl[..., None, :]).abs()
-        scale = tl.abs().max().item()
-        assert distance.min(-1).values.max() <= tol * scale and distance.min(-2).values.max() <= tol * scale
+        assert same(ours.eigenvalues, theirs.eigenvalues)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_composition_scores_equal_transformer_lens(transformer_lens, TLFactoredMatrix, dtype):
+    """Both are ratios of Frobenius norms of d_model-sized products (TL forms them; ours goes
+    through a QR core): each within float rounding of the float64 value, so the bound is that
+    of the dtype: 64 ulps (relative; measured under 10 in both dtypes)."""
     from transformer_lens.utilities.matrix import composition_scores as tl_composition_scores
 
+    tol = 64 * torch.finfo(dtype).eps
     gen = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
     left_A, left_B, right_A, right_B = rand(2, 3, 16, 4), rand(2, 3, 4, 16), rand(5, 16, 4), rand(5, 4, 16)
     ours = composition_scores(FactoredMatrix(left_A, left_B), FactoredMatrix(right_A, right_B))
     theirs = tl_composition_scores(TLFactoredMatrix(left_A, left_B), TLFactoredMatrix(right_A, right_B))
     assert ours.shape == theirs.shape == (2, 3, 5)
-    assert rel(ours, theirs) <= TOLERANCE[dtype]
+    assert rel(ours, theirs) <= tol
     right_A, right_B = rand(3, 16, 4), rand(3, 4, 16)
     ours = composition_scores(FactoredMatrix(left_A, left_B), FactoredMatrix(right_A, right_B), broadcast_dims=False)
     theirs = tl_composition_scores(
         TLFactoredMatrix(left_A, left_B), TLFactoredMatrix(right_A, right_B), broadcast_dims=False
     )
     assert ours.shape == theirs.shape == (2, 3)
-    assert rel(ours, theirs) <= TOLERANCE[dtype]
+    assert rel(ours, theirs) <= tol
