@@ -7,7 +7,7 @@ already in it. The oracle is also handed the bridge's weight tensors (equal valu
 our Llama W_out is a transposed view of HF's down_proj, TL's a contiguous copy, and a matmul's
 rounding depends on the layout). Then both run the same operations on the same tensors, and
 every result must be bitwise equal. Where the operations differ on purpose the bound is the
-standard rounding bound of the differing sum (see ``dot_bound``): our head results (an einsum
+standard rounding bound of the differing sum (see ``gamma``): our head results (an einsum
 where TL multiplies and sums) and the bias row of a float64 model (TL sums biases in float32).
 """
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.oracle
 
 FAMILIES = {"gpt2": (make_gpt2, gpt2_hooked_transformer), "llama": (lambda: make_family("llama"), family_hooked_transformer)}
 BATCH, POS, N_LAYERS = 3, 7, 3
+SETTINGS = [(family, dtype, batch) for family in FAMILIES for dtype in ("float32", "float64") for batch in ("batch", "no_batch")]
 
 
 def share_weights(model, bridge) -> None:
@@ -55,8 +56,7 @@ def build(family: str, dtype: torch.dtype, batch: int = BATCH):
     return bridge, model, fb.ActivationCache(dict(tl_cache.cache_dict), bridge), tl_cache, tokens
 
 
-@pytest.fixture(scope="module", params=[(f, d, b) for f in FAMILIES for d in ("float32", "float64") for b in ("batch", "no_batch")],
-                ids=lambda p: "-".join(p))  # fmt: skip
+@pytest.fixture(scope="module", params=SETTINGS, ids=lambda setting: "-".join(setting))
 def same(request):
     family, dtype, batch = request.param
     bridge, model, cache, tl_cache, tokens = build(family, getattr(torch, dtype), 1 if batch == "no_batch" else BATCH)
@@ -70,26 +70,26 @@ def same(request):
     return bridge, model, cache, tl_cache, tokens
 
 
-def unit_eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps / 2
-
-
-def dot_bound(n: int, dtype: torch.dtype, abs_terms: torch.Tensor) -> torch.Tensor:
-    """Twice the bound on a length-n sum computed in any order: |fl(sum) - sum| <= gamma_n
-    sum |terms|, gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability, 3.1), for two
-    implementations each within it."""
-    u = unit_eps(dtype)
-    return 2 * (n * u / (1 - n * u)) * abs_terms
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """A sum of n terms computed in any order is within gamma_n * sum |terms| of the exact sum,
+    gamma_n = n u / (1 - n u), u the unit roundoff (Higham, Accuracy and Stability, 3.1)."""
+    u = torch.finfo(dtype).eps / 2
+    return n * u / (1 - n * u)
 
 
 def bias_row_bound(model, layer: int, mlp_input: bool, include_mlp: bool) -> torch.Tensor:
-    """TL sums the biases in float32 (also for float64 weights): each addition rounds to
-    float32, so the sum is within gamma_(n+1) in float32 of the exact sum of |b|."""
+    """TL sums a float64 model's biases in float32, each addition rounding to float32; ours
+    are float64 sums: together within gamma_(n+1) in float32 of sum |b|."""
     terms = [model.blocks[l].attn.b_O for l in range(layer)]
     terms += [model.blocks[l].mlp.b_out for l in range(layer)] if include_mlp else []
     terms += [model.blocks[layer].attn.b_O] if mlp_input else []
     total = sum((t.double().abs() for t in terms), torch.zeros(model.cfg.d_model, dtype=torch.float64))
-    return dot_bound(len(terms) + 1, torch.float32, total) / 2
+    return gamma(len(terms) + 1, torch.float32) * total
+
+
+def both(cache, tl_cache, method: str, *args, **options):
+    """(ours, TL's) results of one method call."""
+    return getattr(cache, method)(*args, **options), getattr(tl_cache, method)(*args, **options)
 
 
 def compare(ours, theirs, where: str, labels=None, bias_bound=None):
@@ -136,8 +136,7 @@ def pos_slices(batch: bool):
 def run_grid(cache, tl_cache, method: str, calls, model=None):
     for options in calls:
         where = f"{method}({options})"
-        ours, labels = getattr(cache, method)(return_labels=True, **options)
-        theirs, tl_labels = getattr(tl_cache, method)(return_labels=True, **options)
+        (ours, labels), (theirs, tl_labels) = both(cache, tl_cache, method, return_labels=True, **options)
         assert labels == tl_labels, where
         bias_bound = None
         if "bias" in labels and not options.get("apply_ln") and options.get("project_output_onto") is None:
@@ -151,7 +150,8 @@ def test_accumulated_and_decomposed_resid(same):
     bridge, _, cache, tl_cache, _ = same
     n, batch = bridge.cfg.n_layers, cache.has_batch_dim
     run_grid(cache, tl_cache, "accumulated_resid", grid(
-        layer=[None, -1, 0, 1, n], incl_mid=[False, True], apply_ln=[False, True], pos_slice=pos_slices(batch), mlp_input=[False, True],
+        layer=[None, -1, 0, 1, n], incl_mid=[False, True], apply_ln=[False, True], pos_slice=pos_slices(batch),
+        mlp_input=[False, True],
     ))  # fmt: skip
     calls = grid(
         layer=[None, 0, 2, n], mlp_input=[False, True], mode=["all", "attn", "mlp"], apply_ln=[False, True],
@@ -173,10 +173,13 @@ def test_head_and_neuron_stacks(same):
         layer=[None, 1, n], incl_remainder=[False, True], apply_ln=[False, True], project_output_onto=projections,
         cycled=dict(pos_slice=[None, -1, [0, 4], (2, 5)], neuron_slice=[None, (10, 30), [3, 70, 5]]),
     ) + grid(layer=[0], apply_ln=[False, True], project_output_onto=projections))  # fmt: skip
-    for options in grid(layer=[0, 2], neuron_slice=[None, 7, (2, 9)], project_output_onto=projections, cycled=dict(pos_slice=[None, 3, (0, 2)])):
+    calls = grid(
+        layer=[0, 2], neuron_slice=[None, 7, (2, 9)], project_output_onto=projections, cycled=dict(pos_slice=[None, 3, (0, 2)])
+    )
+    for options in calls:
         if options["neuron_slice"] == 7 and options["project_output_onto"] is not None:
             continue  # TL's shape for an int slice then depends on the product's dims (test_activation_cache.py)
-        compare(cache.get_neuron_results(**options), tl_cache.get_neuron_results(**options), f"get_neuron_results({options})")
+        compare(*both(cache, tl_cache, "get_neuron_results", **options), f"get_neuron_results({options})")
 
 
 def test_full_resid_decomposition(same):
@@ -191,8 +194,8 @@ def test_full_resid_decomposition(same):
     if dtype == torch.float64:  # TL's float32 bias @ a float64 projection fails (test_activation_cache.py checks ours)
         calls = [call for call in calls if call["project_output_onto"] is None or call["apply_ln"]]
     # TL normalises the neurons by ln1's scale where every other row gets ln2's (test_activation_cache.py checks ours)
-    ln1_neurons = lambda c: c["apply_ln"] and c.get("mlp_input") and c["expand_neurons"] and c["project_output_onto"] is not None  # noqa: E731
-    calls = [call for call in calls if not ln1_neurons(call)]
+    folded = lambda call: call["apply_ln"] and call["project_output_onto"] is not None  # noqa: E731
+    calls = [call for call in calls if not (folded(call) and call.get("mlp_input") and call["expand_neurons"])]
     run_grid(cache, tl_cache, "get_full_resid_decomposition", filter(has_mlp, calls), model)
 
 
@@ -200,19 +203,19 @@ def test_apply_ln_to_stack_and_logit_attrs(same):
     bridge, model, cache, tl_cache, tokens = same
     n, batch = bridge.cfg.n_layers, cache.has_batch_dim
     stack, tl_stack = cache.decompose_resid(), tl_cache.decompose_resid()  # [n, *batch, pos, d_model]
-    for options in filter(has_mlp, grid(layer=[None, -1, 0, 2, n], mlp_input=[False, True], recompute_ln=[False, True])):
-        compare(cache.apply_ln_to_stack(stack, **options), tl_cache.apply_ln_to_stack(tl_stack, **options), f"apply_ln({options})")
+    calls = grid(layer=[None, -1, 0, 2, n], mlp_input=[False, True], recompute_ln=[False, True])
     if batch:
-        for batch_slice in (1, (0, 2), [2, 0], torch.tensor([1])):
-            for recompute_ln in (False, True):
-                options = dict(batch_slice=batch_slice, recompute_ln=recompute_ln)
-                compare(cache.apply_ln_to_stack(stack, **options), tl_cache.apply_ln_to_stack(tl_stack, **options), str(options))
+        calls += grid(batch_slice=[1, (0, 2), [2, 0], torch.tensor([1])], recompute_ln=[False, True])
+    for options in filter(has_mlp, calls):
+        ours, theirs = cache.apply_ln_to_stack(stack, **options), tl_cache.apply_ln_to_stack(tl_stack, **options)
+        compare(ours, theirs, f"apply_ln_to_stack({options})")
     last, tl_last = cache.decompose_resid(pos_slice=-1), tl_cache.decompose_resid(pos_slice=-1)
     compare(cache.apply_ln_to_stack(last, pos_slice=-1), tl_cache.apply_ln_to_stack(tl_last, pos_slice=-1), "pos -1")
     next_tokens = torch.roll(tokens, -1, dims=-1)
     vocab = {" road": 5, " car": 11}
     bridge.to_single_token = model.to_single_token = vocab.__getitem__  # a tokenizer's answer, both sides
-    for correct, incorrect in [(next_tokens, None), (next_tokens, tokens), (5, None), (torch.tensor(5), 7), (" road", " car"), (" road", 7)]:
+    pairs = [(next_tokens, None), (next_tokens, tokens), (5, None), (torch.tensor(5), 7), (" road", " car"), (" road", 7)]
+    for correct, incorrect in pairs:
         ours = cache.logit_attrs(stack, correct, incorrect_tokens=incorrect)
         compare(ours, tl_cache.logit_attrs(tl_stack, correct, incorrect_tokens=incorrect), f"logit_attrs({incorrect})")
     ours = cache.logit_attrs(last, next_tokens[..., -1], tokens[..., -1], pos_slice=-1)
@@ -224,18 +227,22 @@ def test_apply_ln_to_stack_and_logit_attrs(same):
     with pytest.raises(ValueError, match="same shape"):
         cache.logit_attrs(stack, next_tokens, 3)
     for args in [("pattern",), ("resid_pre", 2), ("scale", -1, "ln2"), ("z", 1), ("result", None, "attn"), ("mlp_out", n)]:
-        compare(cache.stack_activation(*args), tl_cache.stack_activation(*args), f"stack_activation{args}")
+        compare(*both(cache, tl_cache, "stack_activation", *args), f"stack_activation{args}")
 
 
 def test_mapping_shorthands_and_repr(same):
     bridge, _, cache, tl_cache, _ = same
     assert list(cache) == list(tl_cache) == list(cache.keys()) == list(tl_cache.keys())
     assert len(cache) == len(tl_cache) and repr(cache) == repr(tl_cache)
-    assert (cache.has_embed, cache.has_pos_embed, cache.has_batch_dim) == (tl_cache.has_embed, tl_cache.has_pos_embed, tl_cache.has_batch_dim)
+    for flag in ("has_embed", "has_pos_embed", "has_batch_dim"):
+        assert getattr(cache, flag) == getattr(tl_cache, flag), flag
     assert all(torch.equal(cache[k], v) for k, v in tl_cache.items())
-    keys = ["k1", "scale2ln1", "pre0", "post2m", "embed", "scale", "normalized", "hook_embed", "ln_final.hook_normalized",
-            ("pattern", 0), ("resid_post", -1), ("scale", 2, "ln2"), ("normalized", 1, "ln1"), ("q", 1, "a"), ("post", 0),
-            ("mlp_out", 2), ("attn_out", -2), ("z", -1, "attn"), ("resid_mid", 1, "b"), ("attn", 2), ("result", 1), ("v", 0, "attention")]  # fmt: skip
+    keys = [
+        "k1", "scale2ln1", "pre0", "post2m", "embed", "scale", "normalized", "hook_embed", "ln_final.hook_normalized",
+        ("pattern", 0), ("resid_post", -1), ("scale", 2, "ln2"), ("normalized", 1, "ln1"), ("q", 1, "a"), ("post", 0),
+        ("mlp_out", 2), ("attn_out", -2), ("z", -1, "attn"), ("resid_mid", 1, "b"), ("attn", 2), ("result", 1),
+        ("v", 0, "attention"),
+    ]  # fmt: skip
     if cache.has_pos_embed:
         keys += ["pos_embed"]
     for key in keys:  # the same entry picked
@@ -255,7 +262,7 @@ def test_compute_head_results_within_rounding_of_transformer_lens(family, caplog
     for layer in range(bridge.cfg.n_layers):
         z = cache["z", layer, "attn"].double().abs()  # [batch, pos, head, d_head]
         W_O = model.blocks[layer].attn.W_O.double().abs()  # [head, d_head, d_model]
-        bound = dot_bound(bridge.cfg.d_head, torch.float32, torch.einsum("bphd,hdm->bphm", z, W_O))
+        bound = 2 * gamma(bridge.cfg.d_head, torch.float32) * torch.einsum("bphd,hdm->bphm", z, W_O)
         gap = (cache["result", layer, "attn"].double() - tl_cache["result", layer, "attn"].double()).abs()
         assert (gap <= bound).all(), layer
     with caplog.at_level(logging.WARNING):
@@ -268,8 +275,9 @@ def test_batch_dim_slicing_and_moves_equal_transformer_lens(family, caplog):
     bridge, model, cache, tl_cache, _ = build(family, torch.float32)
     import transformer_lens
 
-    for batch_slice in (1, -1, (0, 2), slice(1, None), [2, 0], torch.tensor([1, 2]), transformer_lens.utilities.Slice([0, 2])):
-        ours, theirs = cache.apply_slice_to_batch_dim(batch_slice), tl_cache.apply_slice_to_batch_dim(batch_slice)
+    tl_slice = transformer_lens.utilities.Slice([0, 2])
+    for batch_slice in (1, -1, (0, 2), slice(1, None), [2, 0], torch.tensor([1, 2]), tl_slice):
+        ours, theirs = both(cache, tl_cache, "apply_slice_to_batch_dim", batch_slice)
         assert ours is not cache and ours.has_batch_dim == theirs.has_batch_dim
         assert list(ours) == list(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
         compare(ours.decompose_resid(apply_ln=True), theirs.decompose_resid(apply_ln=True), str(batch_slice))
@@ -334,11 +342,12 @@ def test_own_runs_equal_transformer_lens_in_float64(family):
     project = torch.randn(bridge.cfg.d_model, 2, dtype=torch.float64)
     for method, options in [
         ("accumulated_resid", dict(apply_ln=True, incl_mid=True)), ("decompose_resid", dict(apply_ln=True)),
-        ("stack_head_results", dict(apply_ln=True, incl_remainder=True)), ("stack_neuron_results", dict(layer=2, apply_ln=True)),
+        ("stack_head_results", dict(apply_ln=True, incl_remainder=True)),
+        ("stack_neuron_results", dict(layer=2, apply_ln=True)),
         ("get_full_resid_decomposition", dict(expand_neurons=False, apply_ln=True)),
         ("get_full_resid_decomposition", dict(apply_ln=True, project_output_onto=project)),
     ]:  # fmt: skip
-        (ours, labels), (theirs, _) = (getattr(c, method)(return_labels=True, **options) for c in (cache, tl_cache))
+        (ours, labels), (theirs, _) = both(cache, tl_cache, method, return_labels=True, **options)
         if "bias" in labels:  # TL's is summed in float32
             ours, theirs = ours[: labels.index("bias")], theirs[: labels.index("bias")]
         assert rel(ours, theirs) <= 64 * ulp, method
