@@ -14,13 +14,13 @@ import torch.utils._pytree as torch_pytree
 import functional_bridge as fb
 from helpers import make_gpt2, max_diff, random_tokens
 from tiny_models import architectures, tiny_model
+from tolerance import assert_as_accurate_as, assert_rounding_close, float64, forward_depth
 
-TOL = 1e-10  # float64 throughout: identities hold to rounding
 
-
-def rel(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a - b).abs().max() / b.abs().max()).item()
+def close(actual, expected, bridge, what=""):
+    """float64 throughout: the identities hold to rounding at the values' magnitude, over the
+    forward's accumulated roundings."""
+    assert_rounding_close(actual, expected, n=forward_depth(bridge.cfg, 6), what=what)
 
 
 @pytest.fixture(scope="module", params=architectures())
@@ -43,9 +43,9 @@ def test_head_results_sum_with_b_O_to_attn_out(family_cache):
         heads = cache.head_results(layer)  # [batch, pos, head, d_model]
         assert heads.shape == (2, 6, bridge.cfg.n_heads, bridge.cfg.d_model)
         b_O = tl.get(f"blocks.{layer}.attn.b_O", torch.zeros((), dtype=torch.float64))
-        assert rel(heads.sum(-2) + b_O, cache[f"blocks.{layer}.hook_attn_out"]) < TOL
+        close(heads.sum(-2) + b_O, cache[f"blocks.{layer}.hook_attn_out"], bridge)
     stacked = cache.stack_head_results()  # [n_layers * n_heads, batch, pos, d_model]
-    assert rel(stacked[bridge.cfg.n_heads + 1], cache.head_results(1)[:, :, 1]) < TOL
+    close(stacked[bridge.cfg.n_heads + 1], cache.head_results(1)[:, :, 1], bridge)
     assert torch.equal(cache["result", 1], cache.head_results(1))  # cached by stack_head_results, as TL
 
 
@@ -53,14 +53,14 @@ def test_decompositions_sum_to_the_residual_stream(family_cache):
     bridge, cache = family_cache
     n = bridge.cfg.n_layers
     final = cache[f"blocks.{n - 1}.hook_resid_post"]
-    assert rel(cache.decompose_resid().sum(0), final) < TOL
-    assert rel(cache.get_full_resid_decomposition().sum(0), final) < TOL  # heads, neurons, embeds, biases
-    assert rel(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final) < TOL
+    close(cache.decompose_resid().sum(0), final, bridge)
+    close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    close(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final, bridge)
     if "blocks.1.hook_resid_mid" in cache:  # not in parallel attention/MLP blocks
-        assert rel(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"]) < TOL
-    assert rel(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"]) < TOL
-    assert rel(cache.stack_head_results(incl_remainder=True).sum(0), final) < TOL
-    assert rel(cache.stack_neuron_results(2, incl_remainder=True, neuron_slice=(0, 9)).sum(0), cache["resid_post", 1]) < TOL
+        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
+    close(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], bridge)
+    close(cache.stack_head_results(incl_remainder=True).sum(0), final, bridge)
+    close(cache.stack_neuron_results(2, incl_remainder=True, neuron_slice=(0, 9)).sum(0), cache["resid_post", 1], bridge)
     accumulated = cache.accumulated_resid()
     assert accumulated.shape == (n + 1, 2, 6, bridge.cfg.d_model)
     assert torch.equal(accumulated[-1], final) and torch.equal(accumulated[0], cache["blocks.0.hook_resid_pre"])
@@ -78,16 +78,17 @@ def test_projections_equal_the_projected_stacks(family_cache):
                 continue
             full = cache.get_full_resid_decomposition(apply_ln=apply_ln, **options)
             projected = cache.get_full_resid_decomposition(apply_ln=apply_ln, project_output_onto=p, **options)
-            assert rel(projected, full @ p) < TOL, options
+            close(projected, full @ p, bridge, what=str(options))
             one = cache.get_full_resid_decomposition(apply_ln=apply_ln, project_output_onto=p[:, 0], **options)
-            assert one.shape == full.shape[:-1] and rel(one, (full @ p)[..., 0]) < TOL
+            assert one.shape == full.shape[:-1]
+            close(one, (full @ p)[..., 0], bridge)
         for options in (dict(layer=1), dict(layer=-1, incl_remainder=True, neuron_slice=[4, 0, 9], pos_slice=(1, 4))):
             stack = cache.stack_neuron_results(apply_ln=apply_ln, **options)
-            assert rel(cache.stack_neuron_results(apply_ln=apply_ln, project_output_onto=p, **options), stack @ p) < TOL
+            close(cache.stack_neuron_results(apply_ln=apply_ln, project_output_onto=p, **options), stack @ p, bridge)
     for neuron in (None, 5):  # an int neuron_slice drops the neuron dim, with or without a projection
         neurons = cache.get_neuron_results(1, neuron_slice=neuron)  # [batch, pos, (n,) d_model]
-        assert rel(cache.get_neuron_results(1, neuron_slice=neuron, project_output_onto=p), neurons @ p) < TOL
-        assert rel(cache.get_neuron_results(1, neuron_slice=neuron, project_output_onto=p[:, 2]), neurons @ p[:, 2]) < TOL
+        close(cache.get_neuron_results(1, neuron_slice=neuron, project_output_onto=p), neurons @ p, bridge)
+        close(cache.get_neuron_results(1, neuron_slice=neuron, project_output_onto=p[:, 2]), neurons @ p[:, 2], bridge)
     single = cache.stack_neuron_results(2, neuron_slice=5, return_labels=True)
     assert single[1] == ["L0N5", "L1N5"] and single[0].shape == (2, 2, 6, bridge.cfg.d_model)  # TL fails on an int
 
@@ -103,7 +104,7 @@ def test_stacks_into_block_zero(family_cache):
         assert labels == ["remainder"] and torch.equal(stack[0], cache["resid_pre", 0])
     projected = cache.stack_neuron_results(0, incl_remainder=True, apply_ln=True, project_output_onto=projection(bridge))
     expected = cache.apply_ln_to_stack(cache["resid_pre", 0][None], 0) @ projection(bridge)
-    assert rel(projected, expected) < TOL
+    close(projected, expected, bridge)
 
 
 def test_apply_ln_reproduces_the_norms(family_cache):
@@ -111,16 +112,16 @@ def test_apply_ln_reproduces_the_norms(family_cache):
     recompute of the final stream is ln_final's output (unembed.hook_in)."""
     bridge, cache = family_cache
     final = cache.accumulated_resid()[-1:]  # [1, batch, pos, d_model]
-    assert rel(cache.apply_ln_to_stack(final)[0], cache["ln_final.hook_normalized"]) < TOL
-    assert rel(cache.accumulated_resid(apply_ln=True)[-1], cache["unembed.hook_in"]) < TOL
+    close(cache.apply_ln_to_stack(final)[0], cache["ln_final.hook_normalized"], bridge)
+    close(cache.accumulated_resid(apply_ln=True)[-1], cache["unembed.hook_in"], bridge)
     pre = cache["blocks.1.hook_resid_pre"][None]
-    assert rel(cache.apply_ln_to_stack(pre, layer=1)[0], cache["blocks.1.ln1.hook_normalized"]) < TOL
+    close(cache.apply_ln_to_stack(pre, layer=1)[0], cache["blocks.1.ln1.hook_normalized"], bridge)
     # the attributions of all components add up to the normalised stream's logit direction
     components = cache.decompose_resid()
     token = 3
     direction = bridge.tl_parameters()["unembed.W_U"][:, token]
     total = cache.logit_attrs(components, token).sum(0)
-    assert rel(total, cache["ln_final.hook_normalized"] @ direction) < TOL
+    close(total, cache["ln_final.hook_normalized"] @ direction, bridge)
 
 
 def test_mapping_in_execution_order_with_shorthands():
@@ -186,7 +187,7 @@ def test_compute_head_results_adds_entries_once(caplog):
     assert list(cache) == keys + added  # appended, as TL does
     for layer, name in enumerate(added):
         expected = torch.einsum("bphd,hdm->bphm", cache["z", layer], bridge.W_O[layer])  # [batch, pos, head, d_model]
-        assert rel(cache[name], expected) < TOL
+        close(cache[name], expected, bridge)
     with caplog.at_level(logging.WARNING):
         cache.compute_head_results()
     assert "already cached" in caplog.text
@@ -228,8 +229,9 @@ def test_pytree_and_torch_func():
     # torch.func transforms return it: vmap over rows equals the batched run
     rows = torch.func.vmap(lambda row: bridge.run_with_cache(row[None])[1])(tokens)
     assert isinstance(rows, fb.ActivationCache)
+    _, cache64 = fb.run_with_cache(float64(bridge.params), tokens, bridge.cfg)  # the reference for the batched run
     for name in ("blocks.2.attn.hook_pattern", "ln_final.hook_scale"):
-        assert max_diff(rows[name][:, 0], cache[name]) <= 1e-6
+        assert_as_accurate_as(rows[name][:, 0], cache[name], cache64[name], what=name)
     # and grad's aux: the cache of the differentiated run
     params = {k: v.detach() for k, v in bridge.params.items()}
 
@@ -239,7 +241,8 @@ def test_pytree_and_torch_func():
 
     grads, aux = torch.func.grad(loss, has_aux=True)(params)
     assert isinstance(aux, fb.ActivationCache) and list(aux) == ["blocks.0.hook_resid_post"]
-    assert max_diff(aux["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"]) <= 1e-6
+    name = "blocks.0.hook_resid_post"
+    assert_as_accurate_as(aux[name], cache[name], cache64[name], what="grad's aux")
 
 
 def test_analyses_read_the_current_leaves():
@@ -255,13 +258,14 @@ def test_analyses_read_the_current_leaves():
         hf.transformer.wte.weight[:5] += 1
     W_O = bridge.W_O[1]  # [head, d_head, d_model], now
     expected = (cache["blocks.1.attn.hook_z"][..., None] * W_O).sum(-2)  # [batch, pos, head, d_model]
-    assert rel(cache.head_results(1), expected) < TOL and rel(cache.head_results(1), -3 * before) < TOL
-    assert rel(cache.stack_head_results(2)[4:], expected.movedim(-2, 0)) < TOL
+    close(cache.head_results(1), expected, bridge)
+    close(cache.head_results(1), -3 * before, bridge)
+    close(cache.stack_head_results(2)[4:], expected.movedim(-2, 0), bridge)
     stack = cache.decompose_resid()
     attrs = cache.logit_attrs(stack, 2)
-    assert rel(attrs, (cache.apply_ln_to_stack(stack) * hf.transformer.wte.weight[2]).sum(-1)) < TOL
+    close(attrs, (cache.apply_ln_to_stack(stack) * hf.transformer.wte.weight[2]).sum(-1), bridge)
     neurons = cache.get_neuron_results(0, neuron_slice=[3])
-    assert rel(neurons[..., 0, :], cache["post", 0][..., 3:4] * hf.transformer.h[0].mlp.c_proj.weight[3]) < TOL
+    close(neurons[..., 0, :], cache["post", 0][..., 3:4] * hf.transformer.h[0].mlp.c_proj.weight[3], bridge)
 
 
 def test_from_params_and_clear_errors():

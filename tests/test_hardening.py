@@ -12,20 +12,22 @@ import transformers
 from torch import nn
 
 import functional_bridge as fb
-from helpers import make_gpt2, max_diff, padding_mask, random_tokens
+from helpers import make_gpt2, padding_mask, random_tokens
 from tiny_models import tiny_model
-
-FLOAT64_GAP = 1e-10  # relative to the logits' scale: float64 rounding is ~1e-15 of it
-# HF builds its rotary inverse frequencies in float32 even in a float64 model: each angle is off
-# by ~6e-8 relative (times positions up to 40 here), the logits by ~1e-7 of their scale.
-ROTARY_FLOAT64_GAP = 1e-6
+from tolerance import assert_rounding_close, forward_depth
 
 
-def assert_same_logits(ours: torch.Tensor, reference: torch.Tensor, gap: float = FLOAT64_GAP):
-    """Float64 logits of the same model computed two ways: equal up to float64 rounding (a wrong
-    setting shows as ~1e-2 of the scale)."""
+def assert_same_logits(ours: torch.Tensor, reference: torch.Tensor, cfg, float32_frequencies: bool = False):
+    """Float64 logits of the same model computed two ways: equal up to float64 rounding over the
+    forward's depth (tests/tolerance.py; a wrong setting shows as ~1e-2 of the scale). HF builds
+    its rotary inverse frequencies in float32 even in a float64 model: with float32_frequencies
+    each angle is off by up to pos * eps32 of itself, so float32 rounding accumulated linearly
+    over the positions (n = pos^2 under rounding_bound's square root)."""
     assert ours.dtype == reference.dtype == torch.float64
-    assert max_diff(ours, reference) <= gap * reference.abs().max().item()
+    if float32_frequencies:
+        assert_rounding_close(ours, reference, dtype=torch.float32, n=ours.shape[-2] ** 2, what="float32 frequencies")
+    else:
+        assert_rounding_close(ours, reference, n=forward_depth(cfg, ours.shape[-2]))
 
 
 # 1. the model's class decides the family ---------------------------------------------------
@@ -43,7 +45,7 @@ def test_the_model_class_decides_the_family_not_config_architectures():
     assert bridge.cfg.original_architecture == "MistralForCausalLM" and bridge.cfg.window_size == 3
     tokens = random_tokens(2, 12, 97)
     with torch.no_grad():
-        assert_same_logits(bridge(tokens), model(tokens).logits, ROTARY_FLOAT64_GAP)
+        assert_same_logits(bridge(tokens), model(tokens).logits, bridge.cfg, float32_frequencies=True)
     assert bridge.hf_config.architectures == ["MistralForCausalLM"]
 
 
@@ -53,7 +55,7 @@ def test_a_gpt2_lm_head_model_whose_config_names_gpt2model_is_accepted():
     bridge = fb.Bridge.from_hf(model)
     tokens = random_tokens(2, 9, 97)
     with torch.no_grad():
-        assert_same_logits(bridge(tokens), model(tokens).logits)
+        assert_same_logits(bridge(tokens), model(tokens).logits, bridge.cfg)
 
 
 def test_from_config_builds_the_class_the_config_describes():
@@ -100,7 +102,7 @@ def test_hf_config_follows_an_untied_head(untie):
     assert bridge.hf_config.tie_word_embeddings is False
     tokens = random_tokens(2, 9, 97)
     with torch.no_grad():
-        assert_same_logits(bridge(tokens), _rebuilt_from_hf_config(bridge)(tokens).logits)
+        assert_same_logits(bridge(tokens), _rebuilt_from_hf_config(bridge)(tokens).logits, bridge.cfg)
 
 
 def test_hf_config_is_a_copy():
@@ -192,7 +194,8 @@ def test_second_order_gradients_equal_hf_eager():
 
     ours = gradient_penalty_grad(bridge)
     hf = gradient_penalty_grad(lambda t: model(t).logits)
-    assert max_diff(ours, hf) <= FLOAT64_GAP * hf.abs().max().item()
+    # float64 rounding over a forward and two backward passes
+    assert_rounding_close(ours, hf, n=3 * forward_depth(bridge.cfg, tokens.shape[1]) + tokens.numel())
 
 
 # 9. TL entries no leaf stores refuse in-place writes ---------------------------------------
