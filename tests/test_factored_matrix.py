@@ -204,6 +204,35 @@ def test_indexing_with_masks_and_index_sequences():
         random_fm((2,), (2,), 5, 2, 7)[torch.ones(2, 5, dtype=torch.bool)]
 
 
+def test_index_forms_of_transformer_lens_unit_tests():
+    """The rest of TL's index checklist (tests/unit/factored_matrix/test_get_item.py): masks as
+    nested tuples and legacy uint8 masks (torch's deprecation warning kept), nested integer
+    sequences consuming one dim, an ellipsis of zero width, an index too long past an
+    ellipsis; slicing never forms the product."""
+    fm = random_fm((2, 3), (2, 3), 5, 2, 7)
+    dense, n = fm.AB, roundings(fm)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    close(fm[tuple(tuple(row) for row in mask.tolist()), ..., 1].AB, dense[mask][..., 1:2], n)
+    close(fm[(True, False), ..., 1].AB, dense[torch.tensor([True, False])][..., 1:2], n)
+    for byte_mask in (mask.to(torch.uint8), mask.to(torch.uint8).numpy()):
+        with pytest.warns(UserWarning, match="uint8"):
+            close(fm[byte_mask, ...].AB, dense[mask], n)
+    for nested in ([[1, 0], [0, 1]], ((1, 0), (0, 1))):
+        close(fm[nested, ..., 1].AB, dense[torch.tensor(nested), ..., 1:2], n)
+    flat = random_fm((), (), 5, 2, 7)
+    close(flat[1, ..., 2].AB, flat.AB[1:2, 2:3], roundings(flat))
+    with pytest.raises(ValueError, match="too long an index"):
+        flat[..., 0, 0, 0]
+    forbidden = property(lambda self: pytest.fail("indexing formed the product"))
+    original = FactoredMatrix.AB
+    try:
+        FactoredMatrix.AB = forbidden
+        sliced = fm[..., 1:4, 2:6]
+    finally:
+        FactoredMatrix.AB = original
+    close(sliced.AB, dense[..., 1:4, 2:6], n)
+
+
 class Wrapped:
     """A tensor-like that is not a Tensor (TL's TensorLike protocol): ndim, shape, size(dim),
     unsqueeze, squeeze, broadcast_to and @, each returning a Wrapped."""

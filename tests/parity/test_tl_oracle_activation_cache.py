@@ -22,6 +22,7 @@ from family_helpers import make_family
 from helpers import make_gpt2, random_tokens
 from test_tl_oracle_analysis import hooked_transformer as gpt2_hooked_transformer
 from test_tl_oracle_families import hooked_transformer as family_hooked_transformer
+from tolerance import assert_rounding_close, forward_depth
 
 pytestmark = pytest.mark.oracle
 
@@ -319,10 +320,9 @@ def test_toggle_autodiff_sets_the_global_mode_as_transformer_lens(caplog):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_own_runs_equal_transformer_lens_in_float64(family):
     """Each model's own run_with_cache and own head results, in float64. The two forwards round
-    differently: their activations differ by a few ulps of each one's largest entry (measured:
-    under 5; asserted under 16 here, the premise). The analyses are sums of those activations
-    times the same weights, normalised by the same cached scales, so they inherit that gap:
-    bound 64 ulps of the largest entry (measured: under 4)."""
+    differently, so their activations agree to float64 rounding over the forward's depth
+    (tolerance.forward_depth), and so do the analyses: sums of those activations times the same
+    weights, normalised by the same cached scales."""
     import transformer_lens
 
     make_hf, hooked = FAMILIES[family]
@@ -332,14 +332,13 @@ def test_own_runs_equal_transformer_lens_in_float64(family):
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens)
         _, tl_cache = model.run_with_cache(tokens)
-    ulp = torch.finfo(torch.float64).eps
-
-    def rel(ours, theirs) -> float:
-        return ((ours - theirs).abs().max() / theirs.abs().max()).item()
-
-    finite = [name for name, value in tl_cache.items() if value.isfinite().all()]  # not the masked scores
-    assert max(rel(cache[name], tl_cache[name]) for name in finite) <= 16 * ulp
-    project = torch.randn(bridge.cfg.d_model, 2, dtype=torch.float64)
+    depth = forward_depth(bridge.cfg, POS)
+    assert list(cache) == list(tl_cache)
+    for name, theirs in tl_cache.items():
+        finite = theirs.isfinite()  # not the masked scores
+        assert torch.equal(cache[name].isfinite(), finite), name
+        assert_rounding_close(cache[name][finite], theirs[finite], n=depth, what=name)
+    project = torch.randn(bridge.cfg.d_model, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     for method, options in [
         ("accumulated_resid", dict(apply_ln=True, incl_mid=True)), ("decompose_resid", dict(apply_ln=True)),
         ("stack_head_results", dict(apply_ln=True, incl_remainder=True)),
@@ -350,4 +349,4 @@ def test_own_runs_equal_transformer_lens_in_float64(family):
         (ours, labels), (theirs, _) = both(cache, tl_cache, method, return_labels=True, **options)
         if "bias" in labels:  # TL's is summed in float32
             ours, theirs = ours[: labels.index("bias")], theirs[: labels.index("bias")]
-        assert rel(ours, theirs) <= 64 * ulp, method
+        assert_rounding_close(ours, theirs, n=depth, what=method)

@@ -78,6 +78,7 @@ def test_shapes_and_products_equal_transformer_lens(TLFactoredMatrix, case, dtyp
     assert same(ours @ FactoredMatrix(other_A, other_B), theirs @ TLFactoredMatrix(other_A, other_B))
     half = torch.tensor(0.5, dtype=dtype)
     assert same(ours * 3.0, theirs * 3.0) and same(2 * ours, 2 * theirs) and same(ours * half, theirs * half)
+    assert same(half[None] * ours, half[None] * theirs)  # a one-element tensor is a scalar too
     assert same(ours.get_corner(), theirs.get_corner()) and same(ours.get_corner(2), theirs.get_corner(2))
     for k in range(ours.ndim - 1):
         assert same(ours.unsqueeze(k), theirs.unsqueeze(k))
