@@ -21,7 +21,7 @@ from .circuits import head_weight
 from .residual import (
     accumulated_bias, apply_ln_to_stack, cached_ln_scale, decompose_resid, empty_stack, final_layer, labelled,
 )  # fmt: skip
-from .slicing import selected_indices, take
+from .slicing import selected_indices, take, unwrapped
 
 
 def head_results(cache, layer: int, tl: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -113,6 +113,7 @@ def _neuron_stack(cache, layer, pos_slice, neuron_slice, incl_remainder, apply_l
     """stack_neuron_results, normalised (apply_ln) for the input of block ``layer``'s ln1, or its
     ln2 with mlp_input (what get_full_resid_decomposition needs: TL's folded path always uses
     ln1 there, unlike its other rows)."""
+    neuron_slice = unwrapped(neuron_slice)
     if isinstance(neuron_slice, int):
         neuron_slice = [neuron_slice]
     project, squeeze = _projection_2d(project_output_onto)

@@ -231,6 +231,44 @@ def test_apply_ln_to_stack_and_logit_attrs(same):
         compare(*both(cache, tl_cache, "stack_activation", *args), f"stack_activation{args}")
 
 
+def test_transformer_lens_slice_objects(same):
+    """TL's acceptance tests pass utilities.Slice objects as pos_slice, neuron_slice and
+    batch_slice: the same results as TL's. (An int-mode neuron Slice fails in TL's stack, as a
+    plain int does; ours gives the plain int's result.)"""
+    from transformer_lens.utilities import Slice
+
+    bridge, model, cache, tl_cache, tokens = same
+    last = Slice(-1)
+    calls = [
+        ("accumulated_resid", dict(pos_slice=last, apply_ln=True, incl_mid=True)),
+        ("decompose_resid", dict(layer=1, pos_slice=last, mlp_input=True, incl_embeds=False, mode="attn")),
+        ("stack_head_results", dict(layer=1, pos_slice=last, apply_ln=True, incl_remainder=True)),
+        ("stack_neuron_results", dict(layer=1, pos_slice=last, neuron_slice=Slice([0, 1, 2]), apply_ln=True)),
+        ("stack_neuron_results", dict(layer=2, pos_slice=Slice((1, 4)), neuron_slice=Slice((3, 9)), incl_remainder=True)),
+        ("get_full_resid_decomposition", dict(layer=1, pos_slice=last, apply_ln=True)),
+        ("get_full_resid_decomposition", dict(pos_slice=Slice([0, 2]), apply_ln=True, expand_neurons=False)),
+    ]
+    for method, options in calls:
+        (ours, labels), (theirs, tl_labels) = both(cache, tl_cache, method, return_labels=True, **options)
+        assert labels == tl_labels, method
+        compare(ours, theirs, f"{method}({options})", labels)
+    for options in (dict(layer=1, pos_slice=last, neuron_slice=Slice([0, 1, 2])), dict(layer=2, neuron_slice=Slice(3))):
+        compare(*both(cache, tl_cache, "get_neuron_results", **options), f"get_neuron_results({options})")
+    stack, tl_stack = cache.decompose_resid(pos_slice=-1), tl_cache.decompose_resid(pos_slice=-1)
+    batch_slices = [None] + ([Slice([0, 2]), Slice(1)] if cache.has_batch_dim else [])
+    for batch_slice in batch_slices:
+        options = dict(pos_slice=last, batch_slice=batch_slice)
+        compare(*(c.apply_ln_to_stack(s, **options) for c, s in ((cache, stack), (tl_cache, tl_stack))), str(options))
+        correct = torch.roll(tokens, -1, -1)[..., -1]
+        if batch_slice is not None:
+            correct = correct[torch.as_tensor(batch_slice.slice)]
+        attrs = (c.logit_attrs(s, correct, **options) for c, s in ((cache, stack), (tl_cache, tl_stack)))
+        compare(*attrs, f"logit_attrs({options})")
+    ours, labels = cache.stack_neuron_results(2, neuron_slice=Slice(4), return_labels=True)
+    plain = cache.stack_neuron_results(2, neuron_slice=4)
+    assert labels == ["L0N4", "L1N4"] and torch.equal(ours, plain)
+
+
 def test_mapping_shorthands_and_repr(same):
     bridge, _, cache, tl_cache, _ = same
     assert list(cache) == list(tl_cache) == list(cache.keys()) == list(tl_cache.keys())
