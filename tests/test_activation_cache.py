@@ -188,9 +188,12 @@ def test_compute_head_results_adds_entries_once(caplog):
     for layer, name in enumerate(added):
         expected = torch.einsum("bphd,hdm->bphm", cache["z", layer], bridge.W_O[layer])  # [batch, pos, head, d_model]
         close(cache[name], expected, bridge)
+    expected_0 = cache[added[0]][0, 0, 0, 0].item()
+    cache[added[0]][0, 0, 0, 0] = float("inf")  # TL's check that nothing is recomputed
     with caplog.at_level(logging.WARNING):
         cache.compute_head_results()
-    assert "already cached" in caplog.text
+    assert "already cached" in caplog.text and cache[added[0]][0, 0, 0, 0] == float("inf")
+    cache[added[0]][0, 0, 0, 0] = expected_0
     stale = fb.ActivationCache({**cache.cache_dict, added[1]: cache[added[1]].sum(-2)}, bridge)  # not per head
     stale.compute_head_results()
     assert torch.equal(stale[added[1]], cache[added[1]])
