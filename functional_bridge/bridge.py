@@ -33,7 +33,7 @@ from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weight
 
 
 class Bridge(TLFacade, nn.Module):
-    """An HF causal LM as one pytree of HF leaves, with TransformerLens's view of it."""
+    """An HF causal LM (or BERT encoder) as one pytree of HF leaves, with TransformerLens's view of it."""
 
     def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None, tokenizer=None,
                  default_prepend_bos: bool | None = None, default_padding_side: str | None = None):  # fmt: skip

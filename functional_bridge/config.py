@@ -50,6 +50,7 @@ class BridgeConfig:
     attn_types: tuple[str, ...] | None = None  # per layer "global"/"local" (window); None: all local if window_size
     tie_word_embeddings: bool = True
     d_vocab_out: int | None = None  # defaults to d_vocab
+    n_token_types: int = 0  # BERT's token-type (segment) embeddings, HF's type_vocab_size; 0: none
 
     def __post_init__(self):
         if self.d_vocab_out is None:

@@ -180,6 +180,11 @@ def _optional_flags(optional: Collection[str]) -> frozenset[str]:
 
 @_memoized
 def _hook_names(cfg: BridgeConfig, optional: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    from .architectures import family_for  # the families import this module
+
+    family_names = family_for(cfg).hook_names
+    if family_names is not None:  # a family with its own forward (an encoder: HookedEncoder's names)
+        return tuple(family_names(cfg))
     names = ["hook_embed"]
     if cfg.positional_embedding_type == "standard":
         names.append("hook_pos_embed")

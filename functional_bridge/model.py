@@ -48,11 +48,13 @@ def forward(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     optional_hooks: Collection[str] = (),
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Logits [batch, pos, d_vocab_out] for tokens [batch, pos] (a 1-D tokens gets batch 1).
 
     attention_mask [batch, pos] marks real tokens (1) and padding (0), on either side: positions
     count real tokens only, so each row's logits at its real positions equal that row run alone.
+    (An encoder, BERT, counts positions absolutely, padding included, as HF does: encoder.py.)
     hooks: ``[(name or predicate, fn), ...]``, TransformerLens hook functions; bwd_hooks alike,
     ``fn(grad, hook) -> grad or None``, attached to this call's activations as autograd hooks.
     optional_hooks: HookedTransformer flags (``"use_attn_result"``...) whose optional hook points
@@ -60,10 +62,14 @@ def forward(
     semantics over the blocks, negative allowed): with start_at_layer, ``tokens`` is the residual
     stream [batch, pos, d_model] entering that block; with stop_at_layer, the residual stream
     leaving block stop_at_layer - 1 is returned instead of logits.
+    token_type_ids [batch, pos]: an encoder's segment ids (BERT; default 0); causal LMs have none.
     """
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask, residual=start_at_layer is not None)
+    token_type_ids = check_token_type_ids(token_type_ids, tokens, cfg)
     hooks = resolve_hooks(cfg, hooks, bwd_hooks, optional_hooks)
-    return transformer(params, tokens, cfg, attention_mask, hooks, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
+    return transformer(
+        params, tokens, cfg, attention_mask, hooks, token_type_ids, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer
+    )  # fmt: skip
 
 
 def run_with_hooks(
@@ -77,12 +83,14 @@ def run_with_hooks(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     optional_hooks: Collection[str] = (),
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """forward with TransformerLens-style ``fwd_hooks=[(name or predicate, fn)]`` (and
     ``bwd_hooks``, attached to this call's activations)."""
     return forward(
         params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks, bwd_hooks=bwd_hooks,
         start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, optional_hooks=optional_hooks,
+        token_type_ids=token_type_ids,
     )  # fmt: skip
 
 
@@ -98,6 +106,7 @@ def run_with_cache(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     optional_hooks: Collection[str] = (),
+    token_type_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(logits, cache): cache maps each hook name chosen by names_filter (a name, a list of
     names, a predicate, or None for all) to its activation, in execution order. fwd_hooks run
@@ -107,6 +116,7 @@ def run_with_cache(
     points (``blocks.0.attn.hook_result``); a predicate or None includes those of the
     ``optional_hooks`` flags. start_at_layer / stop_at_layer as in forward."""
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask, residual=start_at_layer is not None)
+    token_type_ids = check_token_type_ids(token_type_ids, tokens, cfg)
     cache: dict[str, Tensor] = {}
 
     def save(activation: Tensor, hook) -> None:
@@ -114,7 +124,9 @@ def run_with_cache(
 
     names = select_names(cfg, names_filter, optional_hooks)
     hooks = resolve_hooks(cfg, fwd_hooks, (), optional_hooks).appended(names, save)
-    logits = transformer(params, tokens, cfg, attention_mask, hooks, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
+    logits = transformer(
+        params, tokens, cfg, attention_mask, hooks, token_type_ids, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer
+    )  # fmt: skip
     return logits, cache
 
 
@@ -199,6 +211,30 @@ def layer_range(cfg: BridgeConfig, start_at_layer: int | None, stop_at_layer: in
     return range(cfg.n_layers)[start_at_layer:stop_at_layer]
 
 
+def check_token_type_ids(token_type_ids: Tensor | None, tokens: Tensor, cfg: BridgeConfig) -> Tensor | None:
+    """Validate an encoder's token types against checked tokens [batch, pos]; return them as
+    int64 [batch, pos] (a 1-D one gets batch 1), as tokens. Models without token types refuse them."""
+    if token_type_ids is None:
+        return None
+    if not cfg.n_token_types:
+        raise ValueError(f"token_type_ids given, but {cfg.original_architecture} has no token-type embeddings")
+    if not isinstance(token_type_ids, Tensor):
+        raise TypeError(f"token_type_ids must be a tensor of integer ids, got {type(token_type_ids).__name__}")
+    if token_type_ids.is_floating_point() or token_type_ids.is_complex() or token_type_ids.dtype == torch.bool:
+        raise TypeError(f"token_type_ids must be an integer tensor, got dtype {token_type_ids.dtype}")
+    if token_type_ids.dim() == 1:
+        token_type_ids = token_type_ids[None]
+    if token_type_ids.shape != tokens.shape:
+        raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, tokens {tuple(tokens.shape)}")
+    if token_type_ids.device != tokens.device:
+        raise ValueError(f"token_type_ids are on {token_type_ids.device} but tokens are on {tokens.device}")
+    if _values_readable(token_type_ids) and token_type_ids.numel():
+        low, high = int(token_type_ids.min()), int(token_type_ids.max())
+        if low < 0 or high >= cfg.n_token_types:
+            raise ValueError(f"token_type_ids must be in [0, {cfg.n_token_types}); got ids from {low} to {high}")
+    return token_type_ids.long()  # uint8/int8 would index the embedding as a boolean mask
+
+
 def _values_readable(tensor: Tensor) -> bool:
     """True outside torch.compile and functorch transforms, where a value check is allowed."""
     if torch.compiler.is_compiling():
@@ -212,16 +248,22 @@ def transformer(
     cfg: BridgeConfig,
     attention_mask: Tensor | None,
     hooks: HookSet,
+    token_type_ids: Tensor | None = None,
     *,
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     unembed: bool = True,
 ) -> Tensor | None:
     """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
+    A family with its own forward (an encoder) runs that instead of the decoder stack below.
     With start_at_layer, tokens is the residual stream [batch, pos, d_model] entering that block;
     with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
     stops after ln_final and returns None (HookedTransformer's return_type=None)."""
     family = family_for(cfg)
+    if family.forward is not None:
+        if start_at_layer is not None or stop_at_layer is not None or not unembed:
+            raise NotImplementedError(f"start_at_layer, stop_at_layer and return_type=None are not supported for {cfg.original_architecture}")
+        return family.forward(params, tokens, cfg, attention_mask, hooks, token_type_ids)
     batch, seq = tokens.shape[:2]
     device = tokens.device
     positions = position_ids(attention_mask, seq, device)  # [batch or 1, pos]

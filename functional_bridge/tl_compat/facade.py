@@ -64,6 +64,7 @@ class TLFacade(TLTextMixin, TLHooksMixin):
         past_kv_cache=None,
         *,
         hooks=None,
+        token_type_ids: Tensor | None = None,
     ):
         """HookedTransformer.forward: input is text, a list of texts (padded, with its padding
         mask), token ids [batch, pos] or [pos], or with start_at_layer the residual stream
@@ -71,7 +72,8 @@ class TLFacade(TLTextMixin, TLHooksMixin):
         default), the loss, Output(logits, loss), None, or with stop_at_layer the residual stream.
         The loss ignores padding (see tl_compat.forward.tl_forward). hooks: per-call
         ``[(name or predicate, fn)]``, run after the registered ones. Equal to
-        ``fb.forward(bridge.params, tokens, bridge.cfg)`` for token ids without hooks."""
+        ``fb.forward(bridge.params, tokens, bridge.cfg)`` for token ids without hooks.
+        token_type_ids: an encoder's (BERT's) segment ids."""
         if past_kv_cache is not None:
             raise NotImplementedError("past_kv_cache is not supported by Bridge.forward")
         if shortformer_pos_embed is not None:
@@ -86,6 +88,7 @@ class TLFacade(TLTextMixin, TLHooksMixin):
         return tl_forward(
             params, self._config, x, self._call_hooks(hooks), attention_mask=mask, return_type=return_type,
             loss_per_token=loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens,
+            token_type_ids=token_type_ids,
         )  # fmt: skip
 
     def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:

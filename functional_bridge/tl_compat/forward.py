@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..config import BridgeConfig
 from ..hooks import HookSet
-from ..model import check_inputs, transformer
+from ..model import check_inputs, check_token_type_ids, transformer
 from ..params import Params
 from ..utils import lm_cross_entropy_loss
 
@@ -38,6 +38,7 @@ def tl_forward(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     tokens: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
 ):
     """HookedTransformer.forward on token ids (or, with start_at_layer, the residual stream
     [batch, pos, d_model] entering that block). Returns logits, the loss, Output(logits, loss),
@@ -53,11 +54,13 @@ def tl_forward(
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
     residual = start_at_layer is not None
     x, attention_mask = check_inputs(params, x, cfg, attention_mask, residual=residual)
+    token_type_ids = None if residual else check_token_type_ids(token_type_ids, x, cfg)  # an encoder's (BERT's)
     if not residual:
         tokens = x
     wants_logits = return_type is not None or stop_at_layer is not None
     out = transformer(
-        params, x, cfg, attention_mask, hooks, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, unembed=wants_logits
+        params, x, cfg, attention_mask, hooks, token_type_ids,
+        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, unembed=wants_logits,
     )  # fmt: skip
     if stop_at_layer is not None or return_type in (None, "logits"):
         return out
