@@ -77,6 +77,7 @@ def test_projections_equal_the_projected_stacks(family_cache):
     through the analytic fold that never forms the per-neuron d_model vectors); a [d_model]
     projection squeezes its dim."""
     bridge, cache = family_cache
+    skip_unless_pre_ln(bridge)
     p = projection(bridge)
     for apply_ln in (False, True):
         for options in (dict(), dict(expand_neurons=False), dict(layer=1, pos_slice=-1), dict(layer=1, mlp_input=True)):
@@ -103,6 +104,7 @@ def test_stacks_into_block_zero(family_cache):
     """Into block 0 there are no heads or neurons: empty stacks, and the "remainder" is the
     whole stream into block 0, resid_pre (TL reads the final resid_post there)."""
     bridge, cache = family_cache
+    skip_unless_pre_ln(bridge)
     for stack in (cache.stack_head_results(0), cache.stack_neuron_results(0), cache.decompose_resid(0, incl_embeds=False)):
         assert stack.shape == (0, 2, 6, bridge.cfg.d_model)
     for stack, labels in (cache.stack_head_results(0, incl_remainder=True, return_labels=True),
