@@ -55,11 +55,12 @@ class HookPoint:
 
 @dataclass(frozen=True)
 class LayerHookNames:
-    """The hook point names of block ``i`` (fields that do not apply to a config are None)."""
+    """The hook point names of block ``i``, in execution order (fields that do not apply to a
+    config are None; ``experts`` lists a mixture-of-experts layer's per-expert names)."""
 
     resid_pre: str
-    ln1_scale: str
-    ln1_normalized: str
+    ln1_scale: str | None
+    ln1_normalized: str | None
     q: str
     k: str
     v: str
@@ -72,19 +73,37 @@ class LayerHookNames:
     attn_scores: str
     pattern: str
     z: str
+    ln1_post_scale: str | None  # a norm on the attention output (Gemma 2's ln1_post, OLMo 2's ln1)
+    ln1_post_normalized: str | None
     attn_out: str
+    ln1_resid_scale: str | None  # a norm on resid_pre + attn_out (OPT's post-LN)
+    ln1_resid_normalized: str | None
     resid_mid: str | None
-    ln2_scale: str
-    ln2_normalized: str
-    mlp_pre: str
+    ln2_scale: str | None
+    ln2_normalized: str | None
+    expert_weights: str | None  # mixture of experts: router probabilities, chosen experts
+    expert_indices: str | None
+    experts: tuple[str, ...]  # per expert: hook_gate, hook_pre, hook_post
+    mlp_pre: str | None
     mlp_pre_linear: str | None
-    mlp_post: str
+    mlp_post: str | None
+    ln2_post_scale: str | None  # a norm on the MLP output
+    ln2_post_normalized: str | None
     mlp_out: str
+    ln2_resid_scale: str | None  # a norm on resid_mid + mlp_out (OPT's post-LN)
+    ln2_resid_normalized: str | None
     resid_post: str
 
     def in_order(self) -> list[str]:
         """Names in execution order (the order HookedTransformer fills its cache)."""
-        return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name)]
+        names = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                names.extend(value)
+            elif value:
+                names.append(value)
+        return names
 
 
 def _memoized(fn):
@@ -99,15 +118,30 @@ def _memoized(fn):
     return lookup
 
 
+def _norm_names(prefix: str | None) -> tuple[str | None, str | None]:
+    return (prefix + "hook_scale", prefix + "hook_normalized") if prefix else (None, None)
+
+
 @_memoized
 def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     p = f"blocks.{layer}."
     rotary = cfg.positional_embedding_type == "rotary"
     qk = cfg.use_qk_norm
+    placement = cfg.norm_placement
+    moe = cfg.num_experts is not None
+    ln1 = p + "ln1." if placement in ("pre", "pre_post") else None
+    ln2 = p + "ln2." if placement in ("pre", "pre_post") else None
+    ln1_post = {"pre_post": p + "ln1_post.", "output": p + "ln1."}.get(placement)
+    ln2_post = {"pre_post": p + "ln2_post.", "output": p + "ln2."}.get(placement)
+    ln1_resid = p + "ln1." if placement == "post_residual" else None
+    ln2_resid = p + "ln2." if placement == "post_residual" else None
+    experts = ()
+    if moe:
+        experts = tuple(f"{p}mlp.experts.{e}.hook_{n}" for e in range(cfg.num_experts) for n in ("gate", "pre", "post"))
     return LayerHookNames(
         resid_pre=p + "hook_resid_pre",
-        ln1_scale=p + "ln1.hook_scale",
-        ln1_normalized=p + "ln1.hook_normalized",
+        ln1_scale=_norm_names(ln1)[0],
+        ln1_normalized=_norm_names(ln1)[1],
         q=p + "attn.hook_q",
         k=p + "attn.hook_k",
         v=p + "attn.hook_v",
@@ -120,26 +154,40 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
         attn_scores=p + "attn.hook_attn_scores",
         pattern=p + "attn.hook_pattern",
         z=p + "attn.hook_z",
+        ln1_post_scale=_norm_names(ln1_post)[0],
+        ln1_post_normalized=_norm_names(ln1_post)[1],
         attn_out=p + "hook_attn_out",
+        ln1_resid_scale=_norm_names(ln1_resid)[0],
+        ln1_resid_normalized=_norm_names(ln1_resid)[1],
         resid_mid=None if cfg.parallel_attn_mlp else p + "hook_resid_mid",
-        ln2_scale=p + "ln2.hook_scale",
-        ln2_normalized=p + "ln2.hook_normalized",
-        mlp_pre=p + "mlp.hook_pre",
-        mlp_pre_linear=p + "mlp.hook_pre_linear" if cfg.gated_mlp else None,
-        mlp_post=p + "mlp.hook_post",
+        ln2_scale=_norm_names(ln2)[0],
+        ln2_normalized=_norm_names(ln2)[1],
+        expert_weights=p + "mlp.hook_expert_weights" if moe else None,
+        expert_indices=p + "mlp.hook_expert_indices" if moe else None,
+        experts=experts,
+        mlp_pre=None if moe else p + "mlp.hook_pre",
+        mlp_pre_linear=p + "mlp.hook_pre_linear" if cfg.gated_mlp and not moe else None,
+        mlp_post=None if moe else p + "mlp.hook_post",
+        ln2_post_scale=_norm_names(ln2_post)[0],
+        ln2_post_normalized=_norm_names(ln2_post)[1],
         mlp_out=p + "hook_mlp_out",
+        ln2_resid_scale=_norm_names(ln2_resid)[0],
+        ln2_resid_normalized=_norm_names(ln2_resid)[1],
         resid_post=p + "hook_resid_post",
     )
 
 
 @_memoized
 def _hook_names(cfg: BridgeConfig) -> tuple[str, ...]:
-    names = ["hook_embed"]
+    names = ["embed.ln.hook_scale", "embed.ln.hook_normalized"] if cfg.post_embedding_ln else []
+    names.append("hook_embed")
     if cfg.positional_embedding_type == "standard":
         names.append("hook_pos_embed")
     for layer in range(cfg.n_layers):
         names.extend(layer_hook_names(cfg, layer).in_order())
-    names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
+    if cfg.final_norm:
+        names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    names += ["unembed.hook_in", "unembed.hook_out"]
     return tuple(names)
 
 

@@ -5,7 +5,12 @@ call time); ActivationCache exposes them as methods. Options, labels, shapes and
 TransformerLens 3.9's. A stack is [component, *batch_and_pos, d_model]; ``layer`` counts the
 blocks whose outputs are included (None or -1: all, i.e. the input to the unembedding).
 Per-head and per-neuron outputs are computed from hook_z / hook_post and the current W_O / W_out,
-without a second forward pass.
+without a second forward pass. Where a norm sits on the attention or MLP output (Gemma 2/3's
+ln1_post/ln2_post, OLMo 2's), each head's and neuron's output is taken through it with the
+norm's scale frozen at its cached value (the norm is linear once its scale is fixed), so the
+components still sum to the residual stream; TransformerLens 3.9 leaves them out, and its
+per-head results do not sum there. Norms on the residual sums (OPT's post-LN) rescale every
+earlier component at every block: those decompositions are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..config import BridgeConfig
+from ..hooks import layer_hook_names
 from .circuits import head_weight
 from .names import act_name
 from .slicing import selected_indices, take
@@ -98,13 +104,58 @@ def decompose_resid(
     return _labelled(components, labels, return_labels)
 
 
+def _output_norm(cache, layer: int, sublayer: str) -> str | None:
+    """The TL name prefix ("blocks.0.ln1_post.") of the norm on block ``layer``'s attention
+    ("attn") or MLP ("mlp") output, or None. Refuses norms on the residual sums."""
+    cfg = cache.cfg
+    if cfg.norm_placement == "post_residual":
+        raise ValueError(
+            f"{cfg.original_architecture}'s norms apply to the residual sums (post-LN): the stream is not a sum of "
+            "per-head, per-neuron or bias components; use the cached activations"
+        )
+    names = layer_hook_names(cfg, layer)
+    scale_name = names.ln1_post_scale if sublayer == "attn" else names.ln2_post_scale
+    return None if scale_name is None else scale_name[: -len("hook_scale")]
+
+
+def through_output_norm(cache, tl: Mapping[str, Tensor], layer: int, sublayer: str, x: Tensor, pos_slice=None, component_dim: bool = True) -> Tensor:
+    """x: contributions to block ``layer``'s attention or MLP output before its output norm,
+    [*batch_and_pos, (component,) d_model] -> their contributions after it, the norm's scale
+    frozen at its cached value (centred first for a LayerNorm; its bias is not included). x
+    itself where the sublayer has no output norm."""
+    prefix = _output_norm(cache, layer, sublayer)
+    if prefix is None:
+        return x
+    if cache.cfg.normalization_type in CENTRED_NORMS:
+        x = x - x.mean(-1, keepdim=True)
+    scale = take(cache[prefix + "hook_scale"], pos_slice, -2)  # [*batch, pos, 1]
+    weight = tl.get(prefix + "w")
+    x = x / (scale[..., None] if component_dim else scale)
+    return x if weight is None else x * weight.to(x.dtype)
+
+
+def _output_norm_bias(cache, tl: Mapping[str, Tensor], layer: int, sublayer: str, bias: Tensor | None, pos_slice) -> Tensor | None:
+    """What a sublayer's output bias (b_O, b_out) and its output norm's own bias add to the
+    stream: [*batch_and_pos, d_model], or [d_model] without an output norm."""
+    prefix = _output_norm(cache, layer, sublayer)
+    if prefix is None:
+        return bias
+    like = take(cache[prefix + "hook_scale"], pos_slice, -2)
+    total = like.new_zeros(*like.shape[:-1], cache.cfg.d_model)
+    if bias is not None:
+        total = total + through_output_norm(cache, tl, layer, sublayer, bias.to(total.dtype), pos_slice, component_dim=False)
+    norm_bias = tl.get(prefix + "b")
+    return total if norm_bias is None else total + norm_bias.to(total.dtype)
+
+
 def head_results(cache, layer: int, tl: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Each head's output in block ``layer``: hook_z @ W_O per head, [*batch, pos, head, d_model].
-    Summed over heads plus b_O it is hook_attn_out."""
+    """Each head's output in block ``layer``: hook_z @ W_O per head (through the attention's
+    output norm, if any), [*batch, pos, head, d_model]. Summed over heads plus b_O (normed
+    likewise) it is hook_attn_out."""
     tl = cache.tl_weights() if tl is None else tl
     W_O = head_weight(tl, cache.cfg, layer, "W_O")  # [head, d_head, d_model]
     z = cache[f"blocks.{layer}.attn.hook_z"]  # [*batch, pos, head, d_head]
-    return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
+    return through_output_norm(cache, tl, layer, "attn", torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype)))
 
 
 def stack_head_results(cache, layer=-1, return_labels=False, incl_remainder=False, pos_slice=None, apply_ln=False):
@@ -122,11 +173,13 @@ def stack_head_results(cache, layer=-1, return_labels=False, incl_remainder=Fals
 
 
 def neuron_results(cache, layer: int, neuron_slice=None, pos_slice=None, tl: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Each neuron's output in block ``layer``: hook_post[n] * W_out[n], [*batch_and_pos, d_mlp, d_model]."""
+    """Each neuron's output in block ``layer``: hook_post[n] * W_out[n] (through the MLP's output
+    norm, if any), [*batch_and_pos, d_mlp, d_model]."""
     tl = cache.tl_weights() if tl is None else tl
     post = take(cache[f"blocks.{layer}.mlp.hook_post"], pos_slice, -2)  # [..., d_mlp]
     W_out = tl[f"blocks.{layer}.mlp.W_out"]  # [d_mlp, d_model]
-    return take(post, neuron_slice, -1)[..., None] * take(W_out, neuron_slice, 0).to(post.dtype)
+    out = take(post, neuron_slice, -1)[..., None] * take(W_out, neuron_slice, 0).to(post.dtype)
+    return through_output_norm(cache, tl, layer, "mlp", out, pos_slice)
 
 
 def stack_neuron_results(
@@ -200,13 +253,27 @@ def get_full_resid_decomposition(
         if name in cache:
             components.append(take(cache[name], pos_slice, -2)[None])
             labels.append(label)
-    bias = accumulated_bias(cache.tl_weights(), cache.cfg, layer, mlp_input, include_mlp_biases=expand_neurons)
+    bias = _stream_bias(cache, layer, mlp_input, expand_neurons, pos_slice)
     components.append(bias.to(heads.dtype).expand(1, *heads.shape[1:]))
     labels.append("bias")
     stack = torch.cat(components)
     if apply_ln:
         stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
     return _labelled(stack, labels, return_labels)
+
+
+def _stream_bias(cache, layer: int, mlp_input: bool, include_mlp_biases: bool, pos_slice) -> Tensor:
+    """accumulated_bias as it reaches the stream: [d_model], or [*batch_and_pos, d_model] where
+    output norms scale the biases per position."""
+    tl, cfg = cache.tl_weights(), cache.cfg
+    if cfg.norm_placement not in ("pre_post", "output"):
+        return accumulated_bias(tl, cfg, layer, mlp_input, include_mlp_biases)
+    parts = [(l, "attn", "attn.b_O") for l in range(layer)] + [(layer, "attn", "attn.b_O")] * mlp_input
+    parts += [(l, "mlp", "mlp.b_out") for l in range(layer)] if include_mlp_biases else []
+    total = tl["embed.W_E"].new_zeros(cfg.d_model)
+    for l, sublayer, name in parts:
+        total = total + _output_norm_bias(cache, tl, l, sublayer, tl.get(f"blocks.{l}.{name}"), pos_slice)
+    return total
 
 
 def apply_ln_to_stack(
@@ -226,12 +293,15 @@ def apply_ln_to_stack(
         residual_stack = take(residual_stack, batch_slice, 1)
     if recompute_ln and layer == cfg.n_layers:
         return _ln_final(cache.tl_weights(), cfg, residual_stack)
+    if layer == cfg.n_layers:
+        name = "ln_final.hook_scale" if cfg.final_norm else None
+    else:  # the norm on block ``layer``'s attention (or MLP) input
+        names = layer_hook_names(cfg, layer)
+        name = names.ln2_scale if mlp_input else names.ln1_scale
+    if name is None:  # nothing normalises that input (OLMo 2, OPT's post-LN): it reads the stream
+        return residual_stack
     if cfg.normalization_type in CENTRED_NORMS:
         residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
-    if layer == cfg.n_layers:
-        name = "ln_final.hook_scale"
-    else:
-        name = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
     if name not in cache:
         raise KeyError(f"apply_ln needs the cached LayerNorm scale {name!r}; run_with_cache without filtering it out")
     scale = take(cache[name], pos_slice, -2)  # [*batch, pos, 1], sliced
