@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import gpt2, gptj, llama, neox
+from . import gemma, gpt2, gptj, llama, neox
 from .family import Family
 
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
+    gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}
