@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import gemma, gpt2, gptj, llama, neox, phi, phi3
+from . import gemma, gpt2, gptj, llama, neox, olmo, phi, phi3
 from .family import Family
 
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
-    gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3, phi.FAMILY, phi3.FAMILY,
+    gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3, phi.FAMILY, phi3.FAMILY, olmo.OLMO, olmo.OLMO_2,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}
