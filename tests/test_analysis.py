@@ -32,8 +32,9 @@ def test_circuits_are_the_dense_per_head_products(architecture):
         group_here = cfg.n_heads // cfg.n_kv_heads if grouped else 1
         for head in range(cfg.n_heads):
             kv = head // group_here
-            assert torch.equal(QK.AB[layer, head], W_Q[head] @ W_K[kv].T)
-            assert torch.equal(OV.AB[layer, head], W_V[kv] @ W_O[head])
+            # a batched and a single matmul may take different kernels: equal to rounding
+            assert rel(QK.AB[layer, head], W_Q[head] @ W_K[kv].T) < TOL
+            assert rel(OV.AB[layer, head], W_V[kv] @ W_O[head]) < TOL
     assert torch.equal(fb.analysis.qk_circuit(bridge.params, cfg).AB, QK.AB)
     assert torch.equal(fb.analysis.ov_circuit(bridge.params, cfg).AB, OV.AB)
 

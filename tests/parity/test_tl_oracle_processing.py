@@ -33,15 +33,29 @@ CONVERSIONS = {
     "Qwen3ForCausalLM": "convert_qwen3_weights",
     "GPTNeoXForCausalLM": "convert_neox_weights",
     "GPTJForCausalLM": "convert_gptj_weights",
+    "GemmaForCausalLM": "convert_gemma_weights",
+    "Gemma2ForCausalLM": "convert_gemma_weights",
+    "Gemma3ForCausalLM": "convert_gemma_weights",
+    "PhiForCausalLM": "convert_phi_weights",
+    "Phi3ForCausalLM": "convert_phi3_weights",
+    "OlmoForCausalLM": "convert_olmo_weights",
+    "Olmo2ForCausalLM": "convert_olmo2_weights",
 }
 
 
 def hooked_config(cfg, transformer_lens):
-    """HookedTransformerConfig from a BridgeConfig, whose fields carry TL's names."""
+    """HookedTransformerConfig from a BridgeConfig, whose fields carry TL's names where TL has
+    them; TL's switches for the rest: local attention, Gemma 2/3's pre-and-post norms."""
     known = {field.name for field in dataclasses.fields(transformer_lens.HookedTransformerConfig)}
     fields = {k: v for k, v in cfg.to_dict().items() if k in known and v is not None}
-    fields.pop("attn_scale", None)  # TL derives it from d_head
+    if cfg.attn_scale == cfg.d_head**0.5 or cfg.attn_scale == 1.0:
+        fields.pop("attn_scale", None)  # TL derives it from d_head
     fields.pop("d_vocab_out", None)
+    if cfg.window_size is not None:
+        fields.update(use_local_attn=True, attn_types=list(cfg.attn_types or ["local"] * cfg.n_layers))
+    fields["use_normalization_before_and_after"] = cfg.norm_placement == "pre_post"
+    if cfg.qk_norm_over_heads:  # TL builds OLMo 2's all-heads q/k norms from the architecture name
+        fields["use_qk_norm"] = False
     return transformer_lens.HookedTransformerConfig(**fields, use_attn_scale=cfg.attn_scale != 1.0)
 
 
@@ -52,6 +66,11 @@ def processed_hooked_transformer(hf, transformer_lens, **options):
     if cfg.original_architecture not in CONVERSIONS:
         pytest.fail(f"add TL's conversion for {cfg.original_architecture} to CONVERSIONS")
     convert = getattr(weight_conversions, CONVERSIONS[cfg.original_architecture])
+    # the options HookedTransformer.from_pretrained turns off (load_and_process_state_dict does not)
+    if cfg.output_logits_soft_cap is not None:
+        options["center_unembed"] = False
+    if cfg.norm_placement in ("output", "post_residual"):
+        options.update(fold_ln=False, center_writing_weights=False)
     model = transformer_lens.HookedTransformer(hooked_config(cfg, transformer_lens))
     model.load_and_process_state_dict(dict(convert(hf, model.cfg)), **options)  # TL pops keys
     return model.eval()
