@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .analysis import ActivationCache, FactoredMatrix, all_composition_scores, ov_circuit, qk_circuit
-from .architectures import config_from_hf, family_for, family_for_architecture
+from .architectures import config_from_hf, family_for, hf_architecture
 from .config import BridgeConfig
-from .hf_io import build_hf_model, hf_params, load_hf_model
+from .hf_io import build_hf_model, describe_leaves, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
 from .model import forward, run_with_cache, run_with_hooks
 from .params import ParamsStructureError, check_params, params_device, params_dtype
@@ -34,7 +34,7 @@ class Bridge(nn.Module):
         check_params(params, cfg)
         params_device(params)
         self.cfg = cfg
-        self.hf_config = hf_config
+        self._hf_config = hf_config
         for name, tensor in params.items():
             _register_leaf(self, name, tensor)
         self.register_state_dict_post_hook(_add_tied_aliases)
@@ -43,19 +43,19 @@ class Bridge(nn.Module):
 
     @classmethod
     def from_hf(cls, model: nn.Module) -> "Bridge":
-        """Adopt an HF model's own tensors (zero copy): training either trains both."""
-        family_for_architecture(type(model).__name__)  # clear error for unsupported classes
-        return cls(hf_params(model), config_from_hf(model.config), copy.deepcopy(model.config))
+        """Adopt an HF model's own tensors (zero copy): training either trains both. The model's
+        class decides the family (not ``config.architectures``, which may name another class)."""
+        cfg = config_from_hf(model.config, architecture=type(model).__name__)
+        return cls(hf_params(model), cfg, copy.deepcopy(model.config))
 
     @classmethod
     def from_config(cls, hf_config, seed: int = 0) -> "Bridge":
         """A randomly initialised model (HF's own init, seeded) from an HF config."""
-        import transformers
-
-        config_from_hf(hf_config)  # refuse unsupported configs before building anything
+        architecture = hf_architecture(hf_config)
+        config_from_hf(hf_config, architecture)  # refuse unsupported configs before building anything
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+            model = hf_class(architecture)._from_config(hf_config)
         return cls.from_hf(model)
 
     @classmethod
@@ -65,9 +65,19 @@ class Bridge(nn.Module):
 
     def to_hf(self) -> nn.Module:
         """An HF model holding this bridge's current tensors (shared, not copied)."""
-        if self.hf_config is None:
+        if self._hf_config is None:
             raise ValueError("this Bridge was built without an HF config, so it cannot make an HF model")
-        return build_hf_model(self.params, self.cfg, self.hf_config)
+        return build_hf_model(self.params, self.cfg, self._hf_config)
+
+    @property
+    def hf_config(self):
+        """The HF config of the current leaves (a new copy per access, None if built without
+        one): its class and ``tie_word_embeddings`` follow the leaves, so that
+        ``AutoModelForCausalLM.from_config(bridge.hf_config).load_state_dict(bridge.state_dict())``
+        rebuilds this model even after an edit or processing untied the head."""
+        if self._hf_config is None:
+            return None
+        return describe_leaves(self._hf_config, self.params, self.cfg)
 
     # the state --------------------------------------------------------------------------------
 
@@ -92,8 +102,12 @@ class Bridge(nn.Module):
         aliases = family_for(self.cfg).tied_aliases(self.cfg)
         problems, missing, unexpected = [], [], []
         for key, value in state_dict.items():
-            if key in aliases and key not in own:
+            if not isinstance(value, Tensor):
+                problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+            elif key in aliases and key not in own:
                 source = state_dict.get(aliases[key], own[aliases[key]])
+                if not isinstance(source, Tensor):
+                    continue  # reported under its own key
                 if value.shape != source.shape or not torch.equal(value.to(source.device, source.dtype), source):
                     problems.append(f"{key} must equal {aliases[key]} (they are tied in this model)")
             elif key not in own:
@@ -190,7 +204,7 @@ class Bridge(nn.Module):
             name: nn.Parameter(value, requires_grad=own[name].requires_grad if name in own else trainable)
             for name, value in params.items()
         }  # fmt: skip
-        return Bridge(leaves, self.cfg, copy.deepcopy(self.hf_config))
+        return Bridge(leaves, self.cfg, copy.deepcopy(self._hf_config))
 
     def set_tl_weights(self, updates: Mapping[str, Tensor]) -> None:
         """Write TL-named values (``{"blocks.0.attn.W_O": value}``) into the leaves, in place and

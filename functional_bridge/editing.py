@@ -49,8 +49,6 @@ def tl_edit_leaves(params: Params, cfg: BridgeConfig, updates: Mapping[str, Tens
     """HF leaf -> new value for every leaf the edit touches, then the extra leaves it adds."""
     check_params(params, cfg)
     family = family_for(cfg)
-    if family.hf_from_tl is None:
-        raise NotImplementedError(f"the {family.name} family has no TL->HF inverse (hf_from_tl): TL edits are unsupported")
     extras = present_extras(params, cfg)
     layout = tl_layout(cfg, extras)
     device, dtype = params_device(params), params_dtype(params)

@@ -8,6 +8,8 @@ is checked.
 
 from __future__ import annotations
 
+import copy
+import threading
 from contextlib import contextmanager
 from typing import Mapping
 
@@ -29,23 +31,41 @@ def hf_class(architecture: str) -> type:
     return getattr(transformers, architecture)
 
 
+_meta_parameters = threading.local()  # .depth > 0: this thread registers parameters on meta
+_patch_lock = threading.Lock()
+_patch_users = 0  # threads inside parameters_on_meta; the patch is installed while any is
+_unpatched = [nn.Module.register_parameter]  # what the patch wraps, captured at install
+
+
+def _register_parameter(module: nn.Module, name: str, param) -> None:
+    """nn.Module.register_parameter, registering on the meta device in threads that asked."""
+    _unpatched[0](module, name, param)
+    if param is not None and getattr(_meta_parameters, "depth", 0):
+        param = module._parameters[name]
+        module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def parameters_on_meta():
-    """Register every new module parameter on the meta device: construction allocates nothing
-    and weight initialisation is free. Buffers are created as usual."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            param = module._parameters[name]
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
+    """In this thread only, register every new module parameter on the meta device:
+    construction allocates nothing and weight initialisation is free. Buffers are created as
+    usual. Other threads building modules meanwhile are unaffected (the flag is thread-local;
+    the class attribute is patched only while some thread is inside, and passes through)."""
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            _unpatched[0] = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter
+        _patch_users += 1
+    _meta_parameters.depth = getattr(_meta_parameters, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta_parameters.depth -= 1
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.register_parameter = _unpatched[0]
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: Tensor) -> None:
@@ -70,9 +90,7 @@ def build_hf_model(params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config) -
             "processing or a TL edit (fold_ln folds the final LayerNorm's bias into unembed.b_U; "
             "folding into a bias HF does not have adds it)"
         )
-    hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
-    if untied_head:
-        hf_config.tie_word_embeddings = False
+    hf_config = describe_leaves(hf_config, params, cfg)
     with parameters_on_meta():
         model = hf_class(cfg.original_architecture)(hf_config)
     for name, tensor in params.items():
@@ -89,6 +107,17 @@ def build_hf_model(params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config) -
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
     return model.eval()
+
+
+def describe_leaves(hf_config, params: Mapping[str, Tensor], cfg: BridgeConfig):
+    """A copy of hf_config that describes these leaves: the class they are for
+    (``architectures``), and an untied head once ``lm_head.weight`` is a leaf of its own (a TL
+    edit of W_U or processing unties it)."""
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.architectures = [cfg.original_architecture]
+    if any(alias in params for alias in family_for(cfg).tied_aliases(cfg)):
+        hf_config.tie_word_embeddings = False
+    return hf_config
 
 
 def load_hf_model(name_or_path: str, dtype: torch.dtype | None = None, device=None) -> nn.Module:

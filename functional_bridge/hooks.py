@@ -271,6 +271,12 @@ class HookSet:
                     f"hook on {name!r} returned shape {tuple(result.shape)}, "
                     f"but the activation has shape {tuple(activation.shape)}"
                 )
+            if result.dtype != activation.dtype or result.device != activation.device:
+                raise TypeError(
+                    f"hook on {name!r} returned a {result.dtype} tensor on {result.device}, but the "
+                    f"activation is {activation.dtype} on {activation.device}; return "
+                    "result.to(activation.dtype) (or .to(activation.device))"
+                )
             activation = result
         return activation
 

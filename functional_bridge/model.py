@@ -34,7 +34,7 @@ from .components.precision import upcast
 from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
-from .params import Params, check_params, params_device
+from .params import Params, check_params, params_device, params_dtype
 
 Hooks = Iterable[tuple[NameOrFilter, HookFn]]
 
@@ -98,16 +98,23 @@ def run_with_cache(
 def check_inputs(
     params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Validate params, tokens and mask; return them as [batch, pos]. Raises before any work."""
+    """Validate params, tokens and mask; return tokens as int64 [batch, pos] and the mask as
+    bool [batch, pos] (HF's rule: any nonzero value marks a real token). A 1-D tokens (and
+    mask) gets batch 1. Raises before any work, naming the shapes as they were passed."""
     check_params(params, cfg)
     device = params_device(params)
+    params_dtype(params)  # mixed floating dtypes: the clear error bridge.dtype gives
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}")
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    passed = f"tokens {tuple(tokens.shape)}" + ("" if attention_mask is None else f", attention_mask {tuple(attention_mask.shape)}")
     if tokens.dim() == 1:
         tokens = tokens[None]
-        attention_mask = None if attention_mask is None else attention_mask[None]
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, pos] (or [pos]), got shape {tuple(tokens.shape)}")
     if tokens.device != device:
@@ -116,19 +123,20 @@ def check_inputs(
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}")
     if attention_mask is not None:
         if attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"attention_mask and tokens must have the same shape; got {passed}")
         if attention_mask.device != device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but params are on {device}")
-        if attention_mask.is_floating_point():
-            raise TypeError(f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be bool or integer (nonzero = real token), got {attention_mask.dtype}")
+        attention_mask = attention_mask != 0
     if _values_readable(tokens) and tokens.numel():
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= cfg.d_vocab:
             raise ValueError(
                 f"token ids must be in [0, {cfg.d_vocab}) (d_vocab={cfg.d_vocab}); got ids from {low} to {high}"
             )
+    if tokens.dtype != torch.long:  # uint8/int8 would index the embedding as a boolean mask
+        tokens = tokens.long()
     return tokens, attention_mask
 
 

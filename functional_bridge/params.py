@@ -23,11 +23,6 @@ class ParamsStructureError(ValueError):
     """A params pytree does not match the leaves its config needs."""
 
 
-def expected_shapes(cfg: BridgeConfig) -> dict[str, tuple[int, ...]]:
-    """The HF leaves a model with this config has, in HF order, with their shapes."""
-    return family_for(cfg).param_shapes(cfg)
-
-
 def check_params(params: Params, cfg: BridgeConfig) -> None:
     """Raise ParamsStructureError naming every missing, extra or misshapen leaf."""
     if not isinstance(params, Mapping):

@@ -93,8 +93,10 @@ def tl_layout(cfg: BridgeConfig, extras: tuple[str, ...]) -> TLLayout:
         all_leaves = _meta(leaf_shapes(cfg, extras + absent), set(shapes) | set(absent))
         tl_all = family.tl_weights(all_leaves, cfg)
         deps_all = _dependencies(tl_all, all_leaves, list(tl_all))
-    # a derived key stays derived while it reads its source's leaves (an untied W_U does not)
-    derived = {d: s for d, s in pairs.items() if deps[d] & deps[s]}
+    # a derived key stays derived while it reads its source's leaves (an untied W_U does not);
+    # a constant one (a grouped-query b_K where HF has no k bias) while the extra leaf that would
+    # hold it holds its source too, else writing it would add that leaf and drop the value
+    derived = {d: s for d, s in pairs.items() if deps[d] & deps[s] or deps_all[d] & deps_all[s]}
     extra_for = {}
     for key, leaves_of_key in deps_all.items():
         extra = next((name for name in absent if name in leaves_of_key), None)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .architectures import family_for
 from .config import BridgeConfig
+from .derived import guard_unstored
 from .params import Params, check_params
 
 # HookedTransformer's stacked properties: short name -> per-layer TL key suffix.
@@ -28,7 +29,21 @@ def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
     """TL name -> tensor: the keys, shapes and values of TransformerLens 3.9's conversion for the
     family, as differentiable views of the leaves (no copies where a view exists)."""
     check_params(params, cfg)
-    return family_for(cfg).tl_weights(params, cfg)
+    tl = family_for(cfg).tl_weights(params, cfg)
+    return guard_unstored(tl, params, lambda key: _unstored_reason(params, cfg, key))
+
+
+def _unstored_reason(params: Params, cfg: BridgeConfig, key: str) -> str:
+    """Why TL key ``key`` is not a view of a leaf, in words, for DerivedTensor's error."""
+    from .editing import present_extras
+    from .tl_layout import tl_layout
+
+    layout = tl_layout(cfg, present_extras(params, cfg))
+    if key in layout.derived:
+        return f"it is a copy of {layout.derived[key]} (expanded or transposed)"
+    if key not in layout.backed:
+        return f"{cfg.original_architecture}'s HF layout has no slot for it (TransformerLens's value is a constant)"
+    return "it is computed from the leaves, not stored in one"
 
 
 def stacked_tl_weight(params: Params, cfg: BridgeConfig, short_name: str) -> Tensor:
@@ -45,4 +60,7 @@ def stacked_tl_weight(params: Params, cfg: BridgeConfig, short_name: str) -> Ten
     keys = [f"blocks.{layer}.{LAYER_WEIGHTS[short_name]}" for layer in range(cfg.n_layers)]
     if keys[0] not in tl:
         raise KeyError(f"this {cfg.original_architecture} model has no {LAYER_WEIGHTS[short_name]} ({short_name})")
-    return torch.stack([tl[key] for key in keys])
+    with torch._C.DisableTorchFunctionSubclass():
+        stacked = torch.stack([tl[key] for key in keys])
+    reason = "it stacks the layers' weights into a new tensor"
+    return guard_unstored({short_name: stacked}, params, lambda key: reason)[short_name]

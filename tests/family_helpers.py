@@ -6,10 +6,10 @@ weights perturbed so a wrong setting reaches the logits."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import transformers as T
+
+from tolerance import eps, float64_copy
 
 VOCAB = 97
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=64)
@@ -166,36 +166,20 @@ def make_family(family: str, variant: str = "base", seed: int = 0, attn: str = "
     return perturb_family_(model, seed, qk_scale)
 
 
-EPS32 = torch.finfo(torch.float32).eps
-
-
 def float64_logits(model, tokens, attention_mask=None):
-    """The HF model's logits in float64 (a copy: the model is left as it is), the reference the
-    float32 results are measured against."""
-    reference = copy.deepcopy(model).double()
-    if supports(reference, "eager"):
-        reference.set_attn_implementation("eager")
+    """The HF model's logits in float64 (tolerance.float64_copy: the model is left as it is)."""
     with torch.no_grad():
-        return reference(tokens, attention_mask=attention_mask).logits
+        return float64_copy(model)(tokens, attention_mask=attention_mask).logits
 
 
-def float32_bound(reference, *baselines, factor: float = 4.0) -> float:
-    """How far a float32 result may be from its float64 reference: `factor` times the worst float32
-    error of the independent baselines (the oracle's own float32 computations of the same thing),
-    and never less than `factor` roundings of the largest reference value. Grounded in the oracle
-    on the machine at hand, so it holds on any CPU, thread count and BLAS."""
-    floor = EPS32 * reference.abs().max().item()
-    return factor * max([floor] + [(b.double() - reference.double()).abs().max().item() for b in baselines])
-
-
-def assert_equal_or_rounded(actual, expected, rounded=(), eps: float = EPS32) -> None:
+def assert_equal_or_rounded(actual, expected, rounded=()) -> None:
     """actual[key] == expected[key] bitwise for every key, except those in ``rounded`` (behind a
     family's tl_rounded_keys: Gemma's scaled embedding and w + 1 norms), which must agree within
     the rounding of that arithmetic, 2 eps (|value| + 1)."""
     assert list(actual) == list(expected)
     for key, value in expected.items():
         if key in rounded:
-            assert ((actual[key].double() - value.double()).abs() <= 2 * eps * (value.double().abs() + 1)).all(), key
+            assert ((actual[key].double() - value.double()).abs() <= 2 * eps(value.dtype) * (value.double().abs() + 1)).all(), key
         else:
             assert torch.equal(actual[key], value), key
 

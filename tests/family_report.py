@@ -3,7 +3,7 @@
 
 Columns (max abs differences over the same random models the tests use): float32 logits vs HF's
 float64 logits, ours and HF eager's and HF sdpa's (the tests' bound is 4x the worst HF error,
-family_helpers.float32_bound); left-padded rows vs each row run alone through HF; bfloat16: our
+tolerance.assert_as_accurate_as); left-padded rows vs each row run alone through HF; bfloat16: our
 error over HF's default path's (vs HF float32, base variants; the tests allow 1.25); TL weights vs TL 3.9's
 converter (biased variants: the keys its converter does not zero; "n/a": TL 3.9 has no
 converter for it); every cached activation vs HookedTransformer built from the same weights,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from tolerance import assert_as_accurate_as, check, forward_depth, max_abs, rounding_bound
 
 TINY_GPT2 = dict(n_layer=3, n_embd=48, n_head=4, n_inner=80, vocab_size=97, n_positions=40)
 # GPT-2-small's shape with a random init (vocab and context as the real model).
@@ -66,21 +70,40 @@ def padded_batch(vocab: int, lengths: list[int], side: str, seed: int = 0) -> tu
     return random_tokens(len(lengths), max(lengths), vocab, seed=seed), padding_mask(lengths, side)
 
 
-def assert_caches_equal(bridge, model, tokens, mask):
-    """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s
-    within 1e-5, same names in the same order, masked attention scores -inf in both. Returns
-    (logits, cache, HookedTransformer's logits)."""
+def hooked_float64(model):
+    """A float64 copy of HookedTransformer ``model``, cfg.dtype included (TL casts norm outputs to it)."""
+    model64 = copy.deepcopy(model)
+    model64.cfg.dtype = torch.float64
+    return model64.double()
+
+
+def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64):
+    """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s,
+    same names in the same order, masked attention scores -inf in both. Returns (logits, cache,
+    HookedTransformer's logits). Grounded (tests/tolerance.py): in float32 each activation is no
+    further from HookedTransformer's own run in float64 than 4x HookedTransformer's float32 run
+    is; in float64 both are within rounding (of ``float64_precision``: float32 where the oracle
+    computes a part in float32 whatever the dtype) at the largest activation's magnitude over the
+    forward's depth."""
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
         tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
     assert list(cache) == list(tl_cache.keys())
     for name, value in tl_cache.items():
         assert cache[name].shape == value.shape, name
-        if name.endswith("hook_attn_scores"):  # -inf where masked, as TL writes it
-            assert torch.equal(cache[name].isinf(), value.isinf()), name
-            finite = value.isfinite()
-            assert max_diff(cache[name][finite], value[finite]) <= 1e-5, name
-        else:
-            assert max_diff(cache[name], value) <= 1e-5, name
-    assert max_diff(logits, tl_logits) <= 1e-5
+    ours, theirs = {**cache, "logits": logits}, {**dict(tl_cache.items()), "logits": tl_logits}
+    if logits.dtype == torch.float64:
+        depth = forward_depth(bridge.cfg, tokens.shape[-1])
+        finite = {name: value.isfinite() for name, value in theirs.items()}  # -inf where masked, as TL writes it
+        scale = max(max_abs(value[finite[name]]) for name, value in theirs.items())
+        for name, value in theirs.items():
+            assert torch.equal(ours[name].isfinite(), finite[name]), name
+        measured = {name: max_diff(ours[name][finite[name]], value[finite[name]]) for name, value in theirs.items()}
+        worst = max(measured, key=measured.get)
+        check(measured[worst], rounding_bound(scale, float64_precision, depth), worst)
+    else:
+        with torch.no_grad():
+            tl64_logits, tl64_cache = hooked_float64(model).run_with_cache(tokens, attention_mask=mask)
+        assert tl64_logits.dtype == torch.float64
+        assert_as_accurate_as(ours, theirs, {**dict(tl64_cache.items()), "logits": tl64_logits}, per_key_scale=True)
     return logits, cache, tl_logits

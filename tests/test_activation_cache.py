@@ -12,13 +12,13 @@ import functional_bridge as fb
 from functional_bridge.hooks import layer_hook_names
 from helpers import make_gpt2, max_diff, random_tokens
 from tiny_models import architectures, tiny_model
+from tolerance import assert_as_accurate_as, assert_rounding_close, float64, forward_depth
 
-TOL = 1e-10  # float64 throughout: identities hold to rounding
 
-
-def rel(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a - b).abs().max() / b.abs().max()).item()
+def close(actual, expected, bridge, what=""):
+    """float64 throughout: the identities hold to rounding at the values' magnitude, over the
+    forward's accumulated roundings."""
+    assert_rounding_close(actual, expected, n=forward_depth(bridge.cfg, 6), what=what)
 
 
 @pytest.fixture(scope="module", params=architectures())
@@ -36,22 +36,22 @@ def test_head_results_sum_with_b_O_to_attn_out(family_cache):
         heads = cache.head_results(layer)  # [batch, pos, head, d_model]
         assert heads.shape == (2, 6, bridge.cfg.n_heads, bridge.cfg.d_model)
         b_O = tl.get(f"blocks.{layer}.attn.b_O", torch.zeros((), dtype=torch.float64))
-        assert rel(heads.sum(-2) + b_O, cache[f"blocks.{layer}.hook_attn_out"]) < TOL
+        close(heads.sum(-2) + b_O, cache[f"blocks.{layer}.hook_attn_out"], bridge)
     stacked = cache.stack_head_results()  # [n_layers * n_heads, batch, pos, d_model]
-    assert rel(stacked[bridge.cfg.n_heads + 1], cache.head_results(1)[:, :, 1]) < TOL
+    close(stacked[bridge.cfg.n_heads + 1], cache.head_results(1)[:, :, 1], bridge)
 
 
 def test_decompositions_sum_to_the_residual_stream(family_cache):
     bridge, cache = family_cache
     n = bridge.cfg.n_layers
     final = cache[f"blocks.{n - 1}.hook_resid_post"]
-    assert rel(cache.decompose_resid().sum(0), final) < TOL
-    assert rel(cache.get_full_resid_decomposition().sum(0), final) < TOL  # heads, neurons, embeds, biases
-    assert rel(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final) < TOL
+    close(cache.decompose_resid().sum(0), final, bridge)
+    close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    close(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final, bridge)
     if "blocks.1.hook_resid_mid" in cache:  # not in parallel attention/MLP blocks
-        assert rel(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"]) < TOL
-    assert rel(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"]) < TOL
-    assert rel(cache.stack_head_results(incl_remainder=True).sum(0), final) < TOL
+        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
+    close(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], bridge)
+    close(cache.stack_head_results(incl_remainder=True).sum(0), final, bridge)
     accumulated = cache.accumulated_resid()
     assert accumulated.shape == (n + 1, 2, 6, bridge.cfg.d_model)
     assert torch.equal(accumulated[-1], final) and torch.equal(accumulated[0], cache["blocks.0.hook_resid_pre"])
@@ -62,18 +62,18 @@ def test_apply_ln_reproduces_the_norms(family_cache):
     recompute of the final stream is ln_final's output (unembed.hook_in)."""
     bridge, cache = family_cache
     final = cache.accumulated_resid()[-1:]  # [1, batch, pos, d_model]
-    assert rel(cache.apply_ln_to_stack(final)[0], cache["ln_final.hook_normalized"]) < TOL
-    assert rel(cache.accumulated_resid(apply_ln=True)[-1], cache["unembed.hook_in"]) < TOL
+    close(cache.apply_ln_to_stack(final)[0], cache["ln_final.hook_normalized"], bridge)
+    close(cache.accumulated_resid(apply_ln=True)[-1], cache["unembed.hook_in"], bridge)
     pre = cache["blocks.1.hook_resid_pre"][None]
     attn_input_norm = layer_hook_names(bridge.cfg, 1).ln1_normalized  # None: attention reads the stream (OLMo 2)
     expected = pre[0] if attn_input_norm is None else cache[attn_input_norm]
-    assert rel(cache.apply_ln_to_stack(pre, layer=1)[0], expected) < TOL
+    close(cache.apply_ln_to_stack(pre, layer=1)[0], expected, bridge)
     # the attributions of all components add up to the normalised stream's logit direction
     components = cache.decompose_resid()
     token = 3
     direction = bridge.tl_parameters()["unembed.W_U"][:, token]
     total = cache.logit_attrs(components, token).sum(0)
-    assert rel(total, cache["ln_final.hook_normalized"] @ direction) < TOL
+    close(total, cache["ln_final.hook_normalized"] @ direction, bridge)
 
 
 def test_mapping_in_execution_order_with_shorthands():
@@ -129,8 +129,9 @@ def test_pytree_and_torch_func():
     # torch.func transforms return it: vmap over rows equals the batched run
     rows = torch.func.vmap(lambda row: bridge.run_with_cache(row[None])[1])(tokens)
     assert isinstance(rows, fb.ActivationCache)
+    _, cache64 = fb.run_with_cache(float64(bridge.params), tokens, bridge.cfg)  # the reference for the batched run
     for name in ("blocks.2.attn.hook_pattern", "ln_final.hook_scale"):
-        assert max_diff(rows[name][:, 0], cache[name]) <= 1e-6
+        assert_as_accurate_as(rows[name][:, 0], cache[name], cache64[name], what=name)
     # and grad's aux: the cache of the differentiated run
     params = {k: v.detach() for k, v in bridge.params.items()}
 
@@ -140,7 +141,8 @@ def test_pytree_and_torch_func():
 
     grads, aux = torch.func.grad(loss, has_aux=True)(params)
     assert isinstance(aux, fb.ActivationCache) and list(aux) == ["blocks.0.hook_resid_post"]
-    assert max_diff(aux["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"]) <= 1e-6
+    name = "blocks.0.hook_resid_post"
+    assert_as_accurate_as(aux[name], cache[name], cache64[name], what="grad's aux")
 
 
 def test_analyses_read_the_current_leaves():
@@ -155,10 +157,11 @@ def test_analyses_read_the_current_leaves():
         hf.transformer.wte.weight[:5] += 1
     W_O = bridge.W_O[1]  # [head, d_head, d_model], now
     expected = (cache["blocks.1.attn.hook_z"][..., None] * W_O).sum(-2)  # [batch, pos, head, d_model]
-    assert rel(cache.head_results(1), expected) < TOL and rel(cache.head_results(1), -3 * before) < TOL
+    close(cache.head_results(1), expected, bridge)
+    close(cache.head_results(1), -3 * before, bridge)
     stack = cache.decompose_resid()
     attrs = cache.logit_attrs(stack, 2)
-    assert rel(attrs, (cache.apply_ln_to_stack(stack) * hf.transformer.wte.weight[2]).sum(-1)) < TOL
+    close(attrs, (cache.apply_ln_to_stack(stack) * hf.transformer.wte.weight[2]).sum(-1), bridge)
 
 
 def test_from_params_and_clear_errors():

@@ -1,5 +1,7 @@
 """QK/OV circuits, composition scores and the SVD interpreter against dense float64 matrix
-computations on the TL weights, for every registered family (grouped-query ones included)."""
+computations on the TL weights, for every registered family (grouped-query ones included).
+Tolerances: float64 rounding at the values' magnitude (tests/tolerance.py), singular vectors
+that over their singular value gaps."""
 
 import pytest
 import torch
@@ -7,13 +9,7 @@ import torch
 import functional_bridge as fb
 from helpers import make_gpt2
 from tiny_models import architectures, tiny_model
-
-TOL = 1e-10
-
-
-def rel(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tolerance import assert_rounding_close, check, max_diff, rounding_bound, singular_vector_bound
 
 
 @pytest.mark.parametrize("architecture", architectures())
@@ -32,9 +28,10 @@ def test_circuits_are_the_dense_per_head_products(architecture):
         group_here = cfg.n_heads // cfg.n_kv_heads if grouped else 1
         for head in range(cfg.n_heads):
             kv = head // group_here
-            # a batched and a single matmul may take different kernels: equal to rounding
-            assert rel(QK.AB[layer, head], W_Q[head] @ W_K[kv].T) < TOL
-            assert rel(OV.AB[layer, head], W_V[kv] @ W_O[head]) < TOL
+            # a batched and a single matmul may take different kernels: equal to the rounding of
+            # a d_head-long dot product
+            assert_rounding_close(QK.AB[layer, head], W_Q[head] @ W_K[kv].T, n=cfg.d_head, what=f"QK {layer}.{head}")
+            assert_rounding_close(OV.AB[layer, head], W_V[kv] @ W_O[head], n=cfg.d_head, what=f"OV {layer}.{head}")
     assert torch.equal(fb.analysis.qk_circuit(bridge.params, cfg).AB, QK.AB)
     assert torch.equal(fb.analysis.ov_circuit(bridge.params, cfg).AB, OV.AB)
 
@@ -52,8 +49,9 @@ def test_all_composition_scores_are_dense_frobenius_ratios(mode):
             for h1 in range(n_heads):
                 for h2 in range(n_heads):
                     expected = fro(OV[l1, h1] @ right[l2, h2]) / (fro(OV[l1, h1]) * fro(right[l2, h2]))
-                    if l1 < l2:
-                        assert abs(scores[l1, h1, l2, h2] - expected) <= TOL * expected
+                    if l1 < l2:  # a product's d_model-long dot products, then d_model^2 squares summed
+                        bound = rounding_bound(expected.item(), torch.float64, 2 * 48**2)
+                        check(abs(scores[l1, h1, l2, h2] - expected).item(), bound)
                     else:
                         assert scores[l1, h1, l2, h2] == 0
     with pytest.raises(ValueError, match="mode"):
@@ -69,24 +67,28 @@ def test_svd_interpreter_vectors_are_the_dense_singular_vectors():
     tl = bridge.tl_parameters()
     W_U, W_E = tl["unembed.W_U"], tl["embed.W_E"]
 
-    def same_up_to_sign(rows, dense_rows):
+    def assert_same_up_to_sign(rows, dense_rows, S, what):
+        """Unit vectors; each side turned by at most singular_vector_bound (an SVD's error bound:
+        p(dims) eps ||A||, with sqrt(n) = d_model + d_mlp here, over the singular gap)."""
         sign = torch.sign((rows * dense_rows).sum(-1, keepdim=True))
-        return rel(rows * sign, dense_rows)
+        check(max_diff(rows * sign, dense_rows), 2 * singular_vector_bound(S, torch.float64, (48 + 80) ** 2, k=n), what)
 
     layer, head, n = 1, 2, 4
     U, S, Vh = torch.linalg.svd(bridge.QK.AB[layer, head])
-    assert same_up_to_sign(interpreter.singular_directions("QK_query", layer, n, head), U[:, :n].T) < 1e-8
-    assert same_up_to_sign(interpreter.singular_directions("QK_key", layer, n, head), Vh[:n]) < 1e-8
+    assert_same_up_to_sign(interpreter.singular_directions("QK_query", layer, n, head), U[:, :n].T, S, "QK_query")
+    assert_same_up_to_sign(interpreter.singular_directions("QK_key", layer, n, head), Vh[:n], S, "QK_key")
     U, S, Vh = torch.linalg.svd(bridge.OV.AB[layer, head])
     ov = interpreter.singular_directions("OV", layer, n, head)
-    assert same_up_to_sign(ov, Vh[:n]) < 1e-8
+    assert_same_up_to_sign(ov, Vh[:n], S, "OV")
     readout = interpreter.get_singular_vectors("OV", layer, n, head)  # [d_vocab, 1, n]
-    assert readout.shape == (97, 1, n) and rel(readout[:, 0].T, ov @ W_U) < TOL
-    assert rel(interpreter.get_singular_vectors("OV", layer, n, head, through="W_E")[:, 0].T, ov @ W_E.T) < TOL
+    assert readout.shape == (97, 1, n)
+    assert_rounding_close(readout[:, 0].T, ov @ W_U, n=48, what="readout")
+    assert_rounding_close(interpreter.get_singular_vectors("OV", layer, n, head, through="W_E")[:, 0].T, ov @ W_E.T, n=48)
     w_in = tl[f"blocks.{layer}.mlp.W_in"].T * tl[f"blocks.{layer}.ln2.w"]
-    assert same_up_to_sign(interpreter.singular_directions("w_in", layer, n), torch.linalg.svd(w_in).Vh[:n]) < 1e-8
-    w_out = tl[f"blocks.{layer}.mlp.W_out"]
-    assert same_up_to_sign(interpreter.singular_directions("w_out", layer, n), torch.linalg.svd(w_out).Vh[:n]) < 1e-8
+    _, S, Vh = torch.linalg.svd(w_in)
+    assert_same_up_to_sign(interpreter.singular_directions("w_in", layer, n), Vh[:n], S, "w_in")
+    _, S, Vh = torch.linalg.svd(tl[f"blocks.{layer}.mlp.W_out"])
+    assert_same_up_to_sign(interpreter.singular_directions("w_out", layer, n), Vh[:n], S, "w_out")
     top = interpreter.top_tokens("OV", layer, n, head, k=5)
     assert torch.equal(top, (ov @ W_U).topk(5, dim=-1).indices)
 

@@ -7,6 +7,7 @@ from transformers import GPT2LMHeadModel
 
 import functional_bridge as fb
 from helpers import gpt2_config, make_gpt2, max_diff, random_tokens
+from tolerance import assert_as_accurate_as, check, eps, float64_copy
 
 
 def test_from_hf_adopts_the_hf_tensors_in_hf_order():
@@ -58,8 +59,13 @@ def test_from_pretrained_reads_a_saved_model(tmp_path, dtype):
     assert bridge.dtype == (dtype or torch.float32)
     tokens = random_tokens(2, 7, bridge.cfg.d_vocab)
     with torch.no_grad():
-        expected = hf.to(bridge.dtype)(tokens).logits
-        assert max_diff(bridge(tokens), expected) <= (1e-5 if dtype is None else 2e-2)
+        reference = float64_copy(hf)(tokens).logits
+        if dtype is None:
+            assert_as_accurate_as(bridge(tokens), hf(tokens).logits, reference)
+        else:  # as the half-precision parity tests: as accurate as HF in bfloat16, up to one unit of rounding
+            hf_error = max_diff(hf.to(bridge.dtype)(tokens).logits, reference)
+            ulp = eps(dtype) * reference.abs().max().item()
+            check(max_diff(bridge(tokens), reference) - hf_error, ulp, "error over HF's")
 
 
 def test_to_hf_shares_the_current_tensors(tmp_path):
@@ -71,11 +77,12 @@ def test_to_hf_shares_the_current_tensors(tmp_path):
     tokens = random_tokens(2, 7, bridge.cfg.d_vocab)
     with torch.no_grad():
         bridge.params["transformer.h.1.mlp.c_fc.bias"].add_(0.5)  # an edit seen by both
-        assert max_diff(hf(tokens).logits, bridge(tokens)) <= 1e-5
+        reference = float64_copy(hf)(tokens).logits
+        assert_as_accurate_as(bridge(tokens), hf(tokens).logits, reference, what="shared")
     hf.save_pretrained(tmp_path)
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
     with torch.no_grad():
-        assert max_diff(reloaded(tokens).logits, bridge(tokens)) <= 1e-5
+        assert_as_accurate_as(bridge(tokens), reloaded(tokens).logits, reference, what="reloaded")
 
 
 def test_state_dict_round_trips_with_hf():
@@ -90,7 +97,7 @@ def test_state_dict_round_trips_with_hf():
     hf2.load_state_dict(fresh.state_dict())
     tokens = random_tokens(1, 6, bridge.cfg.d_vocab)
     with torch.no_grad():
-        assert max_diff(hf2.eval()(tokens).logits, hf(tokens).logits) <= 1e-6
+        assert_as_accurate_as(hf2.eval()(tokens).logits, hf(tokens).logits, float64_copy(hf)(tokens).logits)
 
 
 def test_load_state_dict_changes_nothing_on_error():

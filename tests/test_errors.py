@@ -81,7 +81,7 @@ def test_options_that_change_the_math_are_refused():
 
 def test_mismatched_attention_mask(bridge):
     tokens = random_tokens(2, 5, 97)
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\), tokens \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"got tokens \(2, 5\), attention_mask \(2, 4\)"):
         bridge(tokens, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
         bridge(tokens, attention_mask=torch.ones(2, 5))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import functional_bridge as fb
 from functional_bridge.architectures import family_for
-from helpers import make_gpt2, max_diff, padding_mask, random_tokens
+from helpers import make_gpt2, padding_mask, random_tokens
+from tolerance import assert_as_accurate_as, float64, float64_copy
 from tiny_models import architectures, tiny_model
 
 OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
@@ -57,13 +58,14 @@ def test_processing_keeps_log_probs(arch, tie):
     mask = padding_mask([12, 9, 7], "left")
     real = mask.bool()  # a padding query attends to nothing, so its pattern does not sum to 1
     with torch.no_grad():
-        expected = hf(tokens).logits.log_softmax(-1)
+        expected, expected64 = hf(tokens).logits.log_softmax(-1), float64_copy(hf)(tokens).logits.log_softmax(-1)
         expected_padded = bridge(tokens, attention_mask=mask).log_softmax(-1)[real]
+        padded64 = fb.forward(float64(bridge.params), tokens, bridge.cfg, attention_mask=mask).log_softmax(-1)[real]
         for combo, options in COMBOS.items():
             processed = bridge.processed(**options)
-            assert max_diff(processed(tokens).log_softmax(-1), expected) <= 1e-5, combo
+            assert_as_accurate_as(processed(tokens).log_softmax(-1), expected, expected64, what=combo)
             padded = processed(tokens, attention_mask=mask).log_softmax(-1)[real]
-            assert max_diff(padded, expected_padded) <= 1e-5, combo
+            assert_as_accurate_as(padded, expected_padded, padded64, what=f"{combo}, padded")
 
 
 @pytest.mark.parametrize("arch", architectures())
@@ -82,7 +84,9 @@ def test_bridge_processed_is_a_new_bridge_and_the_original_is_untouched():
     processed = bridge.processed()
     for name, value in bridge.state_dict().items():
         assert torch.equal(value, before[name]), name
-    assert processed.cfg == bridge.cfg and processed.hf_config.to_dict() == bridge.hf_config.to_dict()
+    assert processed.cfg == bridge.cfg
+    # the same HF config, except that it says what processing did: the head is untied now
+    assert processed.hf_config.to_dict() == {**bridge.hf_config.to_dict(), "tie_word_embeddings": False}
     assert list(processed.params) == [*bridge.params, "unembed.b_U", "lm_head.weight"]
     assert all(p.requires_grad and p.is_leaf for p in processed.parameters())
     assert not storages(processed.params) & storages(bridge.params)
@@ -102,9 +106,9 @@ def test_gpt2_exports_every_option_but_fold_ln(tmp_path, tie, refactor):
     reloaded = type(hf).from_pretrained(tmp_path).eval()
     tokens = random_tokens(3, 12, hf.config.vocab_size)
     with torch.no_grad():
-        expected = hf(tokens).logits.log_softmax(-1)
-        assert max_diff(exported(tokens).logits.log_softmax(-1), expected) <= 1e-5
-        assert max_diff(reloaded(tokens).logits.log_softmax(-1), expected) <= 1e-5
+        expected, expected64 = hf(tokens).logits.log_softmax(-1), float64_copy(hf)(tokens).logits.log_softmax(-1)
+        assert_as_accurate_as(exported(tokens).logits.log_softmax(-1), expected, expected64, what="exported")
+        assert_as_accurate_as(reloaded(tokens).logits.log_softmax(-1), expected, expected64, what="reloaded")
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no slot for unembed\.b_U"):
         fb.Bridge.from_hf(hf).processed(**{**options, "fold_ln": True}).to_hf()
 
@@ -123,7 +127,8 @@ def test_to_hf_exports_what_the_hf_class_holds_and_names_what_it_cannot(arch, co
         return
     tokens = random_tokens(2, 10, bridge.cfg.d_vocab)
     with torch.no_grad():
-        assert max_diff(processed.to_hf()(tokens).logits.log_softmax(-1), hf(tokens).logits.log_softmax(-1)) <= 1e-5
+        expected, expected64 = hf(tokens).logits.log_softmax(-1), float64_copy(hf)(tokens).logits.log_softmax(-1)
+        assert_as_accurate_as(processed.to_hf()(tokens).logits.log_softmax(-1), expected, expected64)
 
 
 def test_processing_commutes_with_gradients():
@@ -138,16 +143,17 @@ def test_processing_commutes_with_gradients():
         return F.cross_entropy(fb.forward(p, tokens, cfg)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
 
     ours = torch.func.grad(loss)(params, True)
-    expected = torch.func.grad(loss)(params, False)
-    for name, value in expected.items():
-        assert max_diff(ours[name], value) <= 1e-5 * max(1.0, value.abs().max().item()), name
+    expected, expected64 = torch.func.grad(loss)(params, False), torch.func.grad(loss)(float64(params), False)
+    assert_as_accurate_as(ours, expected, expected64)
 
 
 def test_sgd_on_an_exported_processed_model_matches_hf_training():
     bridge = fb.Bridge.from_hf(make_gpt2(attn="eager")).processed(**COMBOS["all_but_fold_ln"])
     reference = copy.deepcopy(bridge.to_hf())
     reference.set_attn_implementation("eager")
-    runs = [(bridge, bridge.parameters()), (lambda t: reference(t).logits, reference.parameters())]
+    reference64 = float64_copy(reference)
+    runs = [(bridge, bridge.parameters()), (lambda t: reference(t).logits, reference.parameters()),
+            (lambda t: reference64(t).logits, reference64.parameters())]  # fmt: skip
     for model, parameters in runs:
         optimizer = torch.optim.SGD(parameters, lr=0.5, momentum=0.9)
         for step in range(5):
@@ -157,7 +163,7 @@ def test_sgd_on_an_exported_processed_model_matches_hf_training():
             optimizer.step()
     ref = dict(reference.named_parameters())
     assert list(bridge.params) == list(ref)  # lm_head.weight included: the untied head
-    assert max(max_diff(value, ref[name]) for name, value in bridge.params.items()) <= 1e-5
+    assert_as_accurate_as(bridge.params, ref, dict(reference64.named_parameters()))
 
 
 def test_adamw_trains_a_processed_bridge_with_its_extra_leaves():
@@ -173,8 +179,9 @@ def test_adamw_trains_a_processed_bridge_with_its_extra_leaves():
         loss = F.cross_entropy(logits, tokens[:, 1:].flatten())
         loss.backward()
         if step == 0:
-            closed_form = (logits.softmax(-1) - F.one_hot(tokens[:, 1:].flatten(), bridge.cfg.d_vocab)).mean(0)
-            assert max_diff(dict(bridge.named_parameters())["unembed.b_U"].grad, closed_form) <= 1e-6
+            closed_form = lambda x: (x.softmax(-1) - F.one_hot(tokens[:, 1:].flatten(), bridge.cfg.d_vocab)).mean(0)  # noqa: E731
+            b_U_grad = dict(bridge.named_parameters())["unembed.b_U"].grad
+            assert_as_accurate_as(b_U_grad, closed_form(logits.detach()), closed_form(logits.detach().double()))
             assert all(p.grad is not None for p in bridge.parameters())
         optimizer.step()
         losses.append(loss.item())
@@ -192,7 +199,8 @@ def test_processed_params_stack_into_an_ensemble():
     with torch.no_grad():
         batched = torch.func.vmap(lambda p: fb.forward(p, tokens, cfg))(stacked)
         for index, member in enumerate(members):
-            assert max_diff(batched[index], member(tokens)) <= 1e-5
+            ref64 = fb.forward(float64(member.params), tokens, cfg)
+            assert_as_accurate_as(batched[index], member(tokens), ref64, what=f"member {index}")
 
 
 def test_processing_vmaps_over_an_ensemble():

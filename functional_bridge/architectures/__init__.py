@@ -36,20 +36,29 @@ def family_for(cfg: BridgeConfig) -> Family:
 
 
 def hf_architecture(hf_config) -> str:
-    """The causal-LM class name an HF config describes (its first listed architecture, else the
-    one registered for its model_type)."""
-    architectures = getattr(hf_config, "architectures", None) or []
-    for arch in architectures:
-        if arch in _BY_ARCHITECTURE:
+    """The causal-LM class an HF config describes. The config's class (its model_type) decides,
+    as it does for AutoModelForCausalLM; ``config.architectures`` only chooses among that
+    family's classes. A config listing only classes this library does not support is refused
+    under the first listed name (a custom class may change the math)."""
+    model_type = getattr(hf_config, "model_type", None)
+    candidates = [arch for family in FAMILIES if family.name == model_type for arch in family.hf_architectures]
+    listed = list(getattr(hf_config, "architectures", None) or [])
+    for arch in listed:
+        if arch in candidates:
             return arch
-    if architectures:
-        return architectures[0]
-    for family in FAMILIES:
-        if family.name == getattr(hf_config, "model_type", None):
-            return family.hf_architectures[0]
-    return f"{type(hf_config).__name__} (model_type {getattr(hf_config, 'model_type', None)!r})"
+    if listed and not any(arch in _BY_ARCHITECTURE for arch in listed):
+        return listed[0]
+    if candidates:
+        return candidates[0]
+    return f"{type(hf_config).__name__} (model_type {model_type!r})"
 
 
-def config_from_hf(hf_config) -> BridgeConfig:
-    """BridgeConfig for an HF config, refusing unsupported architectures and options."""
-    return family_for_architecture(hf_architecture(hf_config)).config_from_hf(hf_config)
+def config_from_hf(hf_config, architecture: str | None = None) -> BridgeConfig:
+    """BridgeConfig for an HF config, refusing unsupported architectures and options.
+    architecture: the HF class name when a model is at hand (the class decides, not the
+    config's ``architectures`` list); by default the one the config describes."""
+    family = family_for_architecture(architecture or hf_architecture(hf_config))
+    cfg = family.config_from_hf(hf_config)
+    if architecture is not None and cfg.original_architecture != architecture:
+        cfg = cfg.replace(original_architecture=architecture)
+    return cfg

@@ -72,7 +72,7 @@ class Family:
     # Inverse of tl_weights: new HF leaves (param_shapes order, then the requested extra leaves,
     # a subset of extra_param_shapes) from a complete TL dict. hf_from_tl(tl_weights(p)) == p
     # exactly. A tied unembedding is read from embed.W_E unless "lm_head.weight" is an extra.
-    hf_from_tl: Callable[[Mapping[str, Tensor], BridgeConfig, Collection[str]], dict[str, Tensor]] | None = None
+    hf_from_tl: Callable[[Mapping[str, Tensor], BridgeConfig, Collection[str]], dict[str, Tensor]]
     # TL keys that are copies or expansions of another TL key (derived -> source): writes must go
     # to the source. E.g. grouped-query W_K -> _W_K; a tied unembed.W_U -> embed.W_E.
     tl_derived_keys: Callable[[BridgeConfig], dict[str, str]] = lambda cfg: {}

@@ -1,9 +1,11 @@
 """Stateless causal self-attention with explicit dtype promotion.
 
 Scores and softmax are computed in float32 whatever the parameter dtype, and the pattern is cast
-to the value dtype before it meets the values. With no hook on the scores or the pattern (and
-outside functorch transforms, where CPU SDPA has no batching rule), the fused
-``F.scaled_dot_product_attention`` runs instead: same function, within dtype tolerance.
+to the value dtype before it meets the values. With no hook on the scores or the pattern, outside
+functorch transforms (CPU SDPA has no batching rule) and, on CPU, when autograd is not recording
+through attention (the CPU kernel has no second derivative), the fused
+``F.scaled_dot_product_attention`` runs instead: same function, within dtype tolerance (a NaN in
+q, k or v propagates on both paths).
 
 Masking follows HookedTransformer: masked scores are -inf in ``hook_attn_scores``, and a query
 with no key to attend to (a left-padding position) gets an all-zero pattern, hence z = 0, with
@@ -39,7 +41,7 @@ class AttentionMask(NamedTuple):
     """Which keys each query may attend to, built once per forward and shared by all layers."""
 
     allowed: Tensor  # [batch or 1, 1, query_pos, key_pos] bool: causal (and window) and not padding
-    has_key: Tensor | None  # [batch, 1, query_pos, 1] bool; None when every query has a key
+    has_key: Tensor | None  # [batch, 1, query_pos, 1] bool: the query has a key to attend to; None without a padding mask
     is_plain_causal: bool  # no padding and no window: SDPA's is_causal=True suffices
     in_transform: bool = False  # the forward's inputs are vmapped: use the explicit path
     causal: Tensor | None = None  # [query_pos, key_pos] bool: causal (and window) alone
@@ -106,12 +108,25 @@ def attend(
     """q: [batch, q_pos, n_heads, d_head], k, v: [batch, k_pos, n_kv_heads, d_head] -> z like q.
     soft_cap: scores (after the scale, before the mask and any bias) -> cap * tanh(scores / cap),
     which SDPA cannot do: the explicit path runs (as HF runs Gemma 2 eagerly)."""
-    explicit = hooks.wants(names.attn_scores) or hooks.wants(names.pattern) or soft_cap is not None
-    if explicit or mask.in_transform or inside_functorch_transform(q):
+    if soft_cap is not None or _needs_explicit(q, k, v, mask, hooks, names):
         z = _explicit_attention(q, k, v, mask, attn_scale, hooks, names, soft_cap)
     else:
         z = _sdpa_attention(q, k, v, mask, attn_scale)
     return hooks(names.z, z)
+
+
+def _needs_explicit(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, hooks: HookSet, names) -> bool:
+    """The explicit path runs when a hook reads the scores or pattern; inside functorch
+    transforms (CPU SDPA has no batching rule); and on CPU while autograd records through
+    attention, because the CPU fused kernel's backward has no derivative (second-order
+    gradients, e.g. ``autograd.grad(..., create_graph=True)``, would fail) and at the sizes a CPU
+    trains the explicit path is as fast (bench: suite grads)."""
+    if hooks.wants(names.attn_scores) or hooks.wants(names.pattern):
+        return True
+    if mask.in_transform or inside_functorch_transform(q):
+        return True
+    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return recording and q.device.type == "cpu"
 
 
 def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
@@ -119,14 +134,30 @@ def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
     if mask.is_plain_causal and mask.bias is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1.0 / attn_scale, **gqa)
-        return out.transpose(1, 2)
+        return (out + _nan_probe(qt, kt, vt, None)).transpose(1, 2)
     allowed = mask.allowed if mask.has_key is None else mask.allowed | ~mask.has_key
     if mask.bias is not None:  # a float mask: the bias where allowed, -inf elsewhere
         allowed = mask.bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=1.0 / attn_scale, **gqa)
+    out = out + _nan_probe(qt, kt, vt, mask.keys)
     if mask.has_key is not None:  # rows with no key: z = 0, as the explicit path gives
         out = out.masked_fill(~mask.has_key, 0.0)
     return out.transpose(1, 2)
+
+
+def _nan_probe(qt: Tensor, kt: Tensor, vt: Tensor, keys: Tensor | None) -> Tensor:
+    """[batch, head, q_pos, 1]: zero, or NaN where the explicit path (and HF eager) give a NaN
+    that fused kernels drop: a NaN query row, or a NaN in a head's real keys or its values (a
+    NaN weight, say). qt: [batch, head, q_pos, d_head]; kt, vt: [batch, kv_head, k_pos, d_head];
+    keys: [batch, 1, 1, k_pos] real-token mask or None. Reads q, k and v once: cheap."""
+    if keys is not None:
+        kt = kt.masked_fill(~keys.transpose(-1, -2), 0.0)  # NaNs at padding keys are masked out
+    f32 = torch.float32  # sums in float32: a float16 sum of finite values could overflow to inf
+    per_head = (kt.sum((-2, -1), dtype=f32) + vt.sum((-2, -1), dtype=f32))[..., None, None]  # [batch, kv_head, 1, 1]
+    group = qt.shape[1] // kt.shape[1]
+    if group > 1:
+        per_head = per_head.repeat_interleave(group, dim=1)
+    return ((qt.sum(-1, keepdim=True, dtype=f32) + per_head) * 0).to(qt.dtype)
 
 
 def _explicit_attention(
