@@ -168,6 +168,8 @@ def _fold_mlp_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor
     """Fold a norm (w, b: [d_model]) into W_in (and W_gate); name: the norm's TL prefix, or None
     when it is ln1, already set to identity."""
     t = f"blocks.{layer}."
+    if cfg.num_experts is not None:
+        return _fold_moe_norm(s, cfg, layer, w, b, name)
     W_in = s[t + "mlp.W_in"]  # [d_model, d_mlp]
     if b is not None:
         folded = (W_in * b[:, None]).sum(-2)  # [d_mlp]
@@ -185,6 +187,20 @@ def _fold_mlp_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor
         s[t + name + ".w"] = torch.ones_like(w)
     if center:
         s[t + "mlp.W_in"] = s[t + "mlp.W_in"] - s[t + "mlp.W_in"].mean(0, keepdim=True)
+    return s
+
+
+def _fold_moe_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor | None, name) -> State:
+    """A norm's weight folded into everything that reads it in a mixture of experts, as TL does:
+    the router and every expert's W_gate and W_in (nn.Linear layout, [out, d_model]). No
+    mixture-of-experts family has a norm bias to fold."""
+    if b is not None:
+        raise ValueError(f"{cfg.original_architecture}: folding a norm bias into a mixture of experts is not supported")
+    t = f"blocks.{layer}.mlp."
+    keys = [t + "W_gate.weight"] + [f"{t}experts.{e}.{W}.weight" for e in range(cfg.num_experts) for W in ("W_gate", "W_in")]
+    s.update({key: s[key] * w[None, :] for key in keys})
+    if name is not None:
+        s[f"blocks.{layer}.{name}.w"] = torch.ones_like(w)
     return s
 
 

@@ -107,6 +107,14 @@ VARIANTS = {
         "gqa_tied": (T.Olmo2Config, dict(_LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
                                          pad_token_id=0)),
     },
+    # Mixtral: routers scaled (perturb_family_) so the top-2 of 4 experts differ by token
+    "mixtral": {
+        "base": (T.MixtralConfig, dict(_LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
+                                       num_local_experts=4, num_experts_per_tok=2,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 600.0})),
+        "top1_no_window_tied": (T.MixtralConfig, dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, num_local_experts=3,
+                                                      num_experts_per_tok=1, tie_word_embeddings=True)),
+    },
 }  # fmt: skip
 FAMILIES = list(VARIANTS)
 ALL_VARIANTS = [(family, variant) for family, variants in VARIANTS.items() for variant in variants]
@@ -152,6 +160,8 @@ def perturb_family_(model, seed: int = 0, qk_scale: float = 8.0):
             param[: (c.num_attention_heads + c.num_key_value_heads) * d_head].mul_(qk_scale)
         elif _is_query_or_key(name):
             param.mul_(qk_scale)
+        elif name.endswith("mlp.gate.weight"):  # Mixtral's router: decisive, token-dependent routing
+            param.mul_(10.0)
         elif name.endswith("query_key_value.weight"):
             n = model.config.num_attention_heads
             param.view(n, 3, -1, param.shape[-1])[:, :2].mul_(qk_scale)

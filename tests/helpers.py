@@ -77,16 +77,18 @@ def hooked_float64(model):
     return model64.double()
 
 
-def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64):
+def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64, adapt=None):
     """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s,
     same names in the same order, masked attention scores -inf in both. Returns (logits, cache,
     HookedTransformer's logits). Grounded (tests/tolerance.py): in float32 each activation is no
     further from HookedTransformer's own run in float64 than 4x HookedTransformer's float32 run
     is; in float64 both are within rounding (of ``float64_precision``: float32 where the oracle
     computes a part in float32 whatever the dtype) at the largest activation's magnitude over the
-    forward's depth."""
+    forward's depth. adapt: applied to the bridge's cache first (e.g. to take the rows of
+    HookedTransformer's data-dependent per-expert hooks)."""
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+        cache = cache if adapt is None else adapt(cache)
         tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
     assert list(cache) == list(tl_cache.keys())
     for name, value in tl_cache.items():

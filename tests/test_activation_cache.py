@@ -46,10 +46,14 @@ def test_decompositions_sum_to_the_residual_stream(family_cache):
     n = bridge.cfg.n_layers
     final = cache[f"blocks.{n - 1}.hook_resid_post"]
     close(cache.decompose_resid().sum(0), final, bridge)
-    close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    if bridge.cfg.num_experts is None:
+        close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    else:  # a mixture of experts has no per-neuron outputs
+        with pytest.raises(ValueError, match="expand_neurons=False"):
+            cache.get_full_resid_decomposition()
     close(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final, bridge)
     if "blocks.1.hook_resid_mid" in cache:  # not in parallel attention/MLP blocks
-        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
+        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True, expand_neurons=bridge.cfg.num_experts is None).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
     close(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], bridge)
     close(cache.stack_head_results(incl_remainder=True).sum(0), final, bridge)
     accumulated = cache.accumulated_resid()

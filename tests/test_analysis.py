@@ -109,5 +109,10 @@ def test_svd_interpreter_works_for_every_family(architecture):
     bridge = fb.Bridge.from_hf(tiny_model(architecture).double())
     interpreter = fb.SVDInterpreter(bridge)
     d_vocab_out = bridge.cfg.d_vocab_out
-    for vector_type, head in (("OV", 3), ("QK_query", 3), ("QK_key", 0), ("w_in", None), ("w_out", None)):
+    mlp = (("w_in", None), ("w_out", None))
+    if bridge.cfg.num_experts is not None:  # experts, not one MLP: refused by name
+        mlp = ()
+        with pytest.raises(ValueError, match="mixtures of experts"):
+            interpreter.get_singular_vectors("w_in", 1, 3)
+    for vector_type, head in (("OV", 3), ("QK_query", 3), ("QK_key", 0), *mlp):
         assert interpreter.get_singular_vectors(vector_type, 1, 3, head).shape == (d_vocab_out, 1, 3)

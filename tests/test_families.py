@@ -130,6 +130,8 @@ WRONG_SETTINGS = [
     ("olmo", "base", dict(clip_qkv=None)),
     ("olmo", "base", dict(eps=1e-2)),
     ("olmo2", "base", dict(eps=1e-2)),
+    ("mixtral", "base", dict(experts_per_token=1)),
+    ("mixtral", "base", dict(window_size=None)),
 ]
 
 
@@ -300,7 +302,8 @@ def test_hook_names_and_shapes(family):
     assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 7, cfg.n_kv_heads, cfg.d_head)
     assert ("blocks.0.attn.q_norm.hook_scale" in cache) == cfg.use_qk_norm == (family in ("qwen3", "gemma3", "olmo2"))
     assert ("blocks.0.ln1_post.hook_scale" in cache) == (cfg.norm_placement == "pre_post")
-    assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+    assert ("blocks.0.mlp.hook_pre_linear" in cache) == (cfg.gated_mlp and cfg.num_experts is None)
+    assert ("blocks.0.mlp.experts.0.hook_post" in cache) == (family == "mixtral")
     assert ("blocks.0.hook_resid_mid" in cache) != cfg.parallel_attn_mlp
 
 

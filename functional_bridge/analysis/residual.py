@@ -174,7 +174,13 @@ def stack_head_results(cache, layer=-1, return_labels=False, incl_remainder=Fals
 
 def neuron_results(cache, layer: int, neuron_slice=None, pos_slice=None, tl: Mapping[str, Tensor] | None = None) -> Tensor:
     """Each neuron's output in block ``layer``: hook_post[n] * W_out[n] (through the MLP's output
-    norm, if any), [*batch_and_pos, d_mlp, d_model]."""
+    norm, if any), [*batch_and_pos, d_mlp, d_model]. Refused for a mixture of experts, whose
+    neurons belong to experts weighted per token by the router (use the MLP's output whole)."""
+    if cache.cfg.num_experts is not None:
+        raise ValueError(
+            f"{cache.cfg.original_architecture}'s MLPs are mixtures of experts: per-neuron results are not supported "
+            "(decompose with expand_neurons=False)"
+        )
     tl = cache.tl_weights() if tl is None else tl
     post = take(cache[f"blocks.{layer}.mlp.hook_post"], pos_slice, -2)  # [..., d_mlp]
     W_out = tl[f"blocks.{layer}.mlp.W_out"]  # [d_mlp, d_model]

@@ -9,6 +9,7 @@ from .family import Family
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
     gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3, phi.FAMILY, phi3.FAMILY, olmo.OLMO, olmo.OLMO_2,
+    llama.MIXTRAL,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}

@@ -1,9 +1,11 @@
-"""Llama-style decoders: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM.
+"""Llama-style decoders: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+MixtralForCausalLM.
 
 Their HF configs -> BridgeConfig; the layout (and TL's views of it) is decoder.py's. The four
 differ only by data (_Spec): which projection biases exist, Qwen3's per-head q/k RMSNorm, sliding
 windows, and how TL 3.9 maps n_key_value_heads (Llama, Qwen3: None when it equals n_heads;
-Mistral, Qwen2: always set).
+Mistral, Qwen2, Mixtral: always set). Mixtral is Mistral with a top-k routed mixture of experts
+for the MLP (components/moe.py); its router's training-only jitter noise does not apply.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 
 from ..components.mlp import ACTIVATIONS
 from ..config import BridgeConfig
-from .decoder import decoder_family
+from .decoder import Layout, decoder_family
 from .family import Family
 from .rope import rope_fields
 
@@ -28,6 +30,7 @@ class _Spec:
     qk_norm: bool
     tl_always_kv_heads: bool  # TL sets n_key_value_heads even when it equals n_heads
     windows: Callable[[object], tuple]  # hf -> (window_size, attn_types)
+    moe: bool = False  # a top-k routed mixture of experts (Mixtral)
 
 
 def _no_window(hf) -> tuple:
@@ -69,6 +72,7 @@ SPECS = {
     "mistral": _Spec("mistral", "MistralForCausalLM", lambda hf: False, lambda hf: False, False, True, _mistral_window),
     "qwen2": _Spec("qwen2", "Qwen2ForCausalLM", lambda hf: True, lambda hf: False, False, True, _qwen_windows),
     "qwen3": _Spec("qwen3", "Qwen3ForCausalLM", _attention_bias, _attention_bias, True, False, _qwen_windows),
+    "mixtral": _Spec("mixtral", "MixtralForCausalLM", lambda hf: False, lambda hf: False, False, True, _mistral_window, moe=True),
 }
 
 
@@ -85,6 +89,7 @@ def _config_from_hf(spec: _Spec, hf) -> BridgeConfig:
     d_head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
     window, attn_types = spec.windows(hf)
+    experts = dict(num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok) if spec.moe else {}
     return BridgeConfig(
         original_architecture=arch,
         n_layers=hf.num_hidden_layers,
@@ -107,11 +112,13 @@ def _config_from_hf(spec: _Spec, hf) -> BridgeConfig:
         attn_types=attn_types,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **rope_fields(hf, arch, d_head, partial_rotary=False),
+        **experts,
     )
 
 
 def _family(spec: _Spec) -> Family:
-    return decoder_family(spec.name, spec.architecture, lambda hf: _config_from_hf(spec, hf))
+    layout = Layout(moe=spec.moe)
+    return decoder_family(spec.name, spec.architecture, lambda hf: _config_from_hf(spec, hf), layout)
 
 
-LLAMA, MISTRAL, QWEN2, QWEN3 = (_family(SPECS[name]) for name in ("llama", "mistral", "qwen2", "qwen3"))
+LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL = (_family(SPECS[name]) for name in ("llama", "mistral", "qwen2", "qwen3", "mixtral"))

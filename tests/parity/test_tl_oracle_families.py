@@ -26,12 +26,18 @@ ORACLE_VARIANTS = [
     ("qwen2", "base"), ("qwen2", "mha_tied"), ("qwen3", "base"), ("gpt_neox", "base"), ("gpt_neox", "sequential_tied"),
     ("gptj", "base"), ("gptj", "full_rotary_tied"), ("gemma", "base"), ("gemma2", "base"), ("gemma3", "base"),
     ("gemma3", "capped_mha_untied"), ("phi", "base"), ("phi3", "base"), ("phi3", "mha_tied"),
-    ("olmo", "base"), ("olmo2", "base"),
+    ("olmo", "base"), ("olmo2", "base"), ("mixtral", "base"),
 ]  # fmt: skip
 BIASED_VARIANTS = [("llama", "mha_tied_bias"), ("qwen3", "mha_bias_window"), ("gemma", "mha_bias_untied")]
 # TL 3.9 computes NTK-by-parts (llama3) inverse frequencies in float32 whatever the model's dtype
 # (AbstractAttention.calculate_sin_cos_rotary), so a float64 run agrees with it to float32 rounding.
 FLOAT32_FREQUENCIES = [("llama", "llama3_rope")]
+# TL 3.9's (and HF's) MoE router takes its softmax in float32 whatever the model's dtype; ours in
+# float64 for a float64 model (hook_expert_weights is float64 here, float32 there).
+FLOAT32_ROUTER = [("mixtral", "base")]
+# TL 3.9's convert_gemma_weights computes Gemma's (1 + w) norm weights in float32 whatever the
+# model's dtype (tl_weights keeps float64 leaves float64).
+FLOAT32_NORMS = [(family, variant) for family, variant in ORACLE_VARIANTS if family.startswith("gemma")]
 CONVERTERS = {
     "LlamaForCausalLM": "llama.convert_llama_weights", "MistralForCausalLM": "mistral.convert_mistral_weights",
     "Qwen2ForCausalLM": "qwen2.convert_qwen2_weights", "Qwen3ForCausalLM": "qwen3.convert_qwen3_weights",
@@ -39,7 +45,7 @@ CONVERTERS = {
     "GemmaForCausalLM": "gemma.convert_gemma_weights", "Gemma2ForCausalLM": "gemma.convert_gemma_weights",
     "Gemma3ForCausalLM": "gemma.convert_gemma_weights", "PhiForCausalLM": "phi.convert_phi_weights",
     "Phi3ForCausalLM": "phi3.convert_phi3_weights", "OlmoForCausalLM": "olmo.convert_olmo_weights",
-    "Olmo2ForCausalLM": "olmo2.convert_olmo2_weights",
+    "Olmo2ForCausalLM": "olmo2.convert_olmo2_weights", "MixtralForCausalLM": "mixtral.convert_mixtral_weights",
 }  # fmt: skip
 # Keys TL 3.9's converter gets wrong, left out of the bitwise comparison: convert_phi3_weights
 # writes ln1.b/ln2.b as zeros of shape [d_vocab] for an RMSNorm model that has no norm biases.
@@ -64,7 +70,7 @@ def _llama_like(hf) -> dict:
         act_fn=c.hidden_act, normalization_type="RMS", positional_embedding_type="rotary",
         rotary_adjacent_pairs=False, rotary_dim=d_head, rotary_base=rope["rope_theta"], final_rms=True,
         gated_mlp=True, use_qk_norm=arch == "Qwen3ForCausalLM",
-        n_key_value_heads=n_kv if arch in ("MistralForCausalLM", "Qwen2ForCausalLM") or n_kv != c.num_attention_heads else None,
+        n_key_value_heads=n_kv if arch in ("MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM") or n_kv != c.num_attention_heads else None,
     )  # fmt: skip
     if rope.get("rope_type") == "llama3":  # TL's _apply_llama3_rope_scaling
         fields.update(
@@ -74,7 +80,9 @@ def _llama_like(hf) -> dict:
         )  # fmt: skip
     if rope.get("rope_type") == "linear":
         fields["rotary_scaling_factor"] = rope["factor"]
-    if arch == "MistralForCausalLM" and c.sliding_window:
+    if arch == "MixtralForCausalLM":
+        fields.update(num_experts=c.num_local_experts, experts_per_token=c.num_experts_per_tok, norm_topk_prob=True)
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM") and c.sliding_window:
         fields.update(use_local_attn=True, window_size=c.sliding_window, attn_types=["local"] * c.num_hidden_layers)
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and c.sliding_window is not None:
         types = ["local" if t == "sliding_attention" else "global" for t in c.layer_types]
@@ -216,6 +224,9 @@ def hooked_transformer(hf, transformer_lens):
     for name, table in tables.items():
         module, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module), leaf, table)
+    if model.cfg.num_experts:  # TL builds its MoE's nn.Linear router and experts in float32 whatever cfg.dtype
+        for block in model.blocks:
+            block.mlp.to(model.cfg.dtype)
     return model.eval()
 
 
@@ -247,6 +258,8 @@ def test_tl_weights_equal_the_conversion_and_hooked_transformer(transformer_lens
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_gate", "W_out", "W_E", "W_U"):
         if name == "W_gate" and not bridge.cfg.gated_mlp:
             continue
+        if name in ("W_in", "W_gate", "W_out") and bridge.cfg.num_experts:  # per expert: no stacked MLP weights in TL either
+            continue
         assert torch.equal(getattr(bridge, name), getattr(model, name)), name
 
 
@@ -261,6 +274,25 @@ def test_tl_weights_are_differentiable_views_of_the_leaves(family, variant):
     assert grad.abs().sum() == 1
 
 
+def routed_rows(cfg):
+    """Our cache -> HookedTransformer's: its per-expert hooks (hook_gate, hook_pre, hook_post)
+    see only the tokens routed to the expert, in its order (by top-k slot, then token); ours see
+    every token. Each of its rows is compared with ours for that token."""
+
+    def adapt(cache):
+        out = dict(cache.items())
+        for layer in range(cfg.n_layers):
+            indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]  # [tokens, k]
+            for expert in range(cfg.num_experts):
+                _, token = torch.where((indices == expert).T)  # [k, tokens] row-major: slot, then token
+                for hook in ("gate", "pre", "post"):
+                    name = f"blocks.{layer}.mlp.experts.{expert}.hook_{hook}"
+                    out[name] = cache[name][token]
+        return out
+
+    return adapt
+
+
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("family,variant", ORACLE_VARIANTS)
 def test_every_cached_activation_equals_hooked_transformer(transformer_lens, family, variant, padding):
@@ -272,8 +304,9 @@ def test_every_cached_activation_equals_hooked_transformer(transformer_lens, fam
     model = hooked_transformer(hf, transformer_lens)
     tokens = random_tokens(3, 12, VOCAB)
     mask = padding_mask([12, 9, 7], padding) if padding else None
-    precision = torch.float32 if (family, variant) in FLOAT32_FREQUENCIES else torch.float64
-    logits, cache, tl_logits = assert_caches_equal(bridge, model, tokens, mask, float64_precision=precision)
+    precision = torch.float32 if (family, variant) in FLOAT32_FREQUENCIES + FLOAT32_ROUTER + FLOAT32_NORMS else torch.float64
+    adapt = routed_rows(bridge.cfg) if bridge.cfg.num_experts else None
+    logits, cache, tl_logits = assert_caches_equal(bridge, model, tokens, mask, float64_precision=precision, adapt=adapt)
     assert logits.dtype == tl_logits.dtype == torch.float64
     assert list(cache) == fb.hook_names(bridge.cfg)
 
@@ -305,5 +338,6 @@ def test_run_with_hooks_edits_like_hooked_transformer(transformer_lens, family):
         ours = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         theirs = model.run_with_hooks(tokens, fwd_hooks=hooks)
         plain = bridge(tokens)
-    assert_rounding_close(ours, theirs, n=forward_depth(bridge.cfg, tokens.shape[1]))
+    precision = torch.float32 if (family, "base") in FLOAT32_NORMS else torch.float64
+    assert_rounding_close(ours, theirs, n=forward_depth(bridge.cfg, tokens.shape[1]), dtype=precision)
     assert max_diff(ours, plain) > 1e-3

@@ -41,6 +41,7 @@ CONVERSIONS = {
     "Phi3ForCausalLM": "convert_phi3_weights",
     "OlmoForCausalLM": "convert_olmo_weights",
     "Olmo2ForCausalLM": "convert_olmo2_weights",
+    "MixtralForCausalLM": "convert_mixtral_weights",
 }
 
 
@@ -55,6 +56,8 @@ def hooked_config(cfg, transformer_lens):
     if cfg.window_size is not None:
         fields.update(use_local_attn=True, attn_types=list(cfg.attn_types or ["local"] * cfg.n_layers))
     fields["use_normalization_before_and_after"] = cfg.norm_placement == "pre_post"
+    if cfg.num_experts is not None:  # Mixtral renormalises its top-k routing weights
+        fields["norm_topk_prob"] = True
     if cfg.qk_norm_over_heads:  # TL builds OLMo 2's all-heads q/k norms from the architecture name
         fields["use_qk_norm"] = False
     return transformer_lens.HookedTransformerConfig(**fields, use_attn_scale=cfg.attn_scale != 1.0)
