@@ -16,7 +16,7 @@ import torch
 import functional_bridge as fb
 from family_helpers import VOCAB, make_family
 from functional_bridge.architectures import family_for
-from helpers import assert_caches_equal, max_diff, padding_mask, random_tokens
+from helpers import assert_caches_equal, max_diff, padding_mask, random_tokens, routed_rows
 from tolerance import assert_rounding_close, forward_depth
 
 pytestmark = pytest.mark.oracle
@@ -272,25 +272,6 @@ def test_tl_weights_are_differentiable_views_of_the_leaves(family, variant):
     leaf = next(p for p in bridge.parameters() if p.untyped_storage().data_ptr() == tl[key].untyped_storage().data_ptr())
     (grad,) = torch.autograd.grad(tl[key][0, 5, 3], leaf)
     assert grad.abs().sum() == 1
-
-
-def routed_rows(cfg):
-    """Our cache -> HookedTransformer's: its per-expert hooks (hook_gate, hook_pre, hook_post)
-    see only the tokens routed to the expert, in its order (by top-k slot, then token); ours see
-    every token. Each of its rows is compared with ours for that token."""
-
-    def adapt(cache):
-        out = dict(cache.items())
-        for layer in range(cfg.n_layers):
-            indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]  # [tokens, k]
-            for expert in range(cfg.num_experts):
-                _, token = torch.where((indices == expert).T)  # [k, tokens] row-major: slot, then token
-                for hook in ("gate", "pre", "post"):
-                    name = f"blocks.{layer}.mlp.experts.{expert}.hook_{hook}"
-                    out[name] = cache[name][token]
-        return out
-
-    return adapt
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
