@@ -54,13 +54,15 @@ class ModelCase:
         torch.manual_seed(self.seed)
         model = getattr(transformers, self.architecture)(self.config()).eval()
         model.set_attn_implementation("eager")
+        if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+            model.set_experts_implementation("eager")  # HF's grouped_mm needs 16-byte strides the drawn sizes lack
         if self.architecture == "GPT2LMHeadModel":
             return perturb_(model, self.seed, self.qk_scale)
         return perturb_family_(model, self.seed, self.qk_scale)
 
     @property
     def activation(self) -> str:
-        return self.fields.get("hidden_act", self.fields.get("activation_function"))
+        return self.fields.get("hidden_act", self.fields.get("activation_function", self.fields.get("hidden_activation")))
 
 
 # family field strategies ----------------------------------------------------------------------
@@ -183,7 +185,8 @@ def _gemma_fields(generation: int):
         n_layers, heads = draw(LAYERS), draw(_gqa_heads())
         out = dict(
             vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=n_layers,
-            hidden_size=draw(st.sampled_from([16, 36, 64])), intermediate_size=draw(st.integers(8, 96)),
+            hidden_size=draw(st.sampled_from([h for h in (16, 36, 64) if h % heads["num_attention_heads"] == 0])),  # HF: a multiple of the heads
+            intermediate_size=draw(st.integers(8, 96)),
             rms_norm_eps=draw(EPS), tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()), **heads,
         )  # fmt: skip
         out["hidden_act" if generation == 1 else "hidden_activation"] = draw(ACTIVATION)
@@ -224,7 +227,9 @@ def _phi3_fields(draw) -> dict:
         num_attention_heads=n_heads, num_key_value_heads=heads["num_key_value_heads"], hidden_size=n_heads * d_head,
         intermediate_size=draw(st.integers(8, 96)), hidden_act=draw(ACTIVATION), rms_norm_eps=draw(EPS),
         tie_word_embeddings=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, 8)),
-        rope_parameters=_rope(draw, d_head, True),
+        rope_parameters=draw(st.builds(  # Phi3Config accepts rope types default and longrope (refused) only
+            lambda theta, factor: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor},
+            ROPE_THETA, st.sampled_from([f for f in (0.25, 0.5, 0.75, 1.0) if int(d_head * f) % 2 == 0]))),
     )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import functional_bridge as fb
+from family_helpers import supports
 from float64_reference import EPS64, assert_as_close_as_hf, float64_everywhere, float64_reference
 from functional_bridge.architectures import family_for
 from functional_bridge.editing import present_extras
@@ -89,9 +90,11 @@ class Oracle:
         self.reference = float64_reference(self.model, case.config())
 
     def hf(self, tokens, **kwargs) -> dict:
-        """HF's float32 runs, eager then sdpa: {"hf_eager": output, "hf_sdpa": output}."""
+        """HF's float32 runs, eager then sdpa where HF has it: {"hf_eager": output, "hf_sdpa": output}."""
         runs = {}
         for attn in ("eager", "sdpa"):
+            if not supports(self.model, attn):  # Gemma 2 has no sdpa path in HF
+                continue
             self.model.set_attn_implementation(attn)
             runs[f"hf_{attn}"] = self.model(tokens, **kwargs)
         self.model.set_attn_implementation("eager")
