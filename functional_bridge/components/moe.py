@@ -2,8 +2,10 @@
 
 Every expert runs on every token and the router's weights (zero for the experts a token was not
 routed to) mix their outputs: no data-dependent shapes or Python branches, so the forward stays
-vmap-able and compilable. It costs num_experts / experts_per_token times the routed FLOPs; on
-small batches that is cheaper than gathering tokens per expert (benchmarked in the family report).
+vmap-able and compilable. It costs num_experts / experts_per_token times the routed FLOPs:
+measured on CPU (8 experts, top-2, d_model 256, d_mlp 512, 2 layers, 4 x 64 tokens, one process,
+interleaved) the whole forward takes 2.5-2.7x HF's, whose experts gather their tokens (eager loop
+or grouped_mm). A gathered path (data-dependent shapes) would not vmap; it is not implemented.
 
 Routing is HF's MixtralTopKRouter: softmax of the router logits in float32, top-k, the chosen
 weights renormalised to sum to 1. Hooks are TransformerLens's MoE names:
