@@ -11,7 +11,7 @@ from .bridge import Bridge
 from .config import BridgeConfig
 from .editing import set_tl_weights
 from . import patching
-from .func import activation_grads, next_token_loss, per_example_grads, with_activation
+from .func import activation_grads, masked_lm_loss, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
 from .model import forward, run_with_cache, run_with_hooks
 from .processing import process_weights
@@ -32,6 +32,7 @@ __all__ = [
     "ParamsStructureError",
     "UnsupportedArchitectureError",
     "activation_grads",
+    "masked_lm_loss",
     "next_token_loss",
     "patching",
     "per_example_grads",

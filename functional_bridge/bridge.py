@@ -27,7 +27,7 @@ from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weight
 
 
 class Bridge(nn.Module):
-    """An HF causal LM as one pytree of HF leaves, with TransformerLens's view of it."""
+    """An HF causal LM (or BERT encoder) as one pytree of HF leaves, with TransformerLens's view of it."""
 
     def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None):
         super().__init__()
@@ -154,9 +154,12 @@ class Bridge(nn.Module):
 
     # running ----------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None) -> Tensor:
-        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``."""
-        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks)
+    def forward(
+        self, tokens: Tensor, attention_mask: Tensor | None = None, hooks=None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """Logits [batch, pos, d_vocab_out]; same as ``fb.forward(bridge.params, tokens, cfg)``.
+        token_type_ids: an encoder's (BERT's) segment ids."""
+        return forward(self.params, tokens, self.cfg, attention_mask=attention_mask, hooks=hooks, token_type_ids=token_type_ids)
 
     def run_with_cache(
         self,
@@ -165,17 +168,22 @@ class Bridge(nn.Module):
         attention_mask: Tensor | None = None,
         fwd_hooks=(),
         detach: bool = True,
+        token_type_ids: Tensor | None = None,
     ):
         """(logits, ActivationCache). Detaches the cache by default, as TransformerLens does.
         The cache's analyses read this bridge's parameters when they are called."""
         logits, cache = run_with_cache(
             self.params, tokens, self.cfg, names_filter=names_filter,
-            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach,
+            attention_mask=attention_mask, fwd_hooks=fwd_hooks, detach=detach, token_type_ids=token_type_ids,
         )  # fmt: skip
         return logits, ActivationCache(cache, self)
 
-    def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None) -> Tensor:
-        return run_with_hooks(self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
+    def run_with_hooks(
+        self, tokens: Tensor, fwd_hooks=(), attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        return run_with_hooks(
+            self.params, tokens, self.cfg, fwd_hooks=fwd_hooks, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )  # fmt: skip
 
     # processing and TL edits ------------------------------------------------------------------
 

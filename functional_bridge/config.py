@@ -55,6 +55,7 @@ class BridgeConfig:
     attn_types: tuple[str, ...] | None = None  # per layer "global"/"local" (window); None: all local if window_size
     tie_word_embeddings: bool = True
     d_vocab_out: int | None = None  # defaults to d_vocab
+    n_token_types: int = 0  # BERT's token-type (segment) embeddings, HF's type_vocab_size; 0: none
     # The second wave (Gemma, Phi, OLMo, Mixtral, GPT-Neo, OPT, BLOOM); TransformerLens's names
     # where it has the option. Each default leaves the math of the families above unchanged.
     rotary_base_local: float | None = None  # local (windowed) layers' rotary base, unscaled (Gemma 3)

@@ -15,10 +15,10 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .components.precision import upcast
-from .architectures import family_for
+from .architectures import family_for, require_causal_lm
 from .config import BridgeConfig
 from .hooks import select_names
-from .model import check_inputs, forward, run_with_cache
+from .model import check_inputs, check_token_type_ids, forward, run_with_cache
 from .params import Params
 
 LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -35,6 +35,19 @@ def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | Non
     return (nll * pairs).sum() / pairs.sum().clamp(min=1)
 
 
+def masked_lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy of a masked LM over scored positions: labels [batch, pos] hold the
+    target ids, -100 where a position is not scored (HF's convention; padding is never scored).
+    logits [batch, pos, vocab]. Equals HF's BertForMaskedLM loss for the same labels."""
+    log_probs = F.log_softmax(upcast(logits), dim=-1)  # [batch, pos, vocab]
+    scored = labels != -100
+    if attention_mask is not None:
+        scored = scored & attention_mask.bool()
+    nll = -log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # [batch, pos]
+    weights = scored.to(nll.dtype)
+    return (nll * weights).sum() / weights.sum().clamp(min=1)
+
+
 def detached(params: Params) -> dict[str, Tensor]:
     """The leaves without autograd history, for torch.func transforms (which track their own)."""
     return {name: value.detach() for name, value in params.items()}
@@ -47,31 +60,44 @@ def per_example_grads(
     attention_mask: Tensor | None = None,
     loss_fn: LossFn | None = None,
     chunk_size: int | None = None,
+    *,
+    labels: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Gradient of each example's loss: HF name -> [batch, *leaf shape].
 
-    loss_fn(logits [1, pos, vocab], tokens [1, pos], attention_mask [1, pos] or None) -> scalar;
-    the default is next_token_loss over real tokens. Rows may be padded (left or right) to
-    different lengths. chunk_size bounds how many examples vmap holds at once.
+    loss_fn(logits [1, pos, vocab], targets [1, pos], attention_mask [1, pos] or None) -> scalar,
+    where targets are the row's ``labels`` [batch, pos] when given, else its tokens; the default
+    is next_token_loss over real tokens (causal LMs only: an encoder needs a loss_fn, e.g.
+    masked_lm_loss with labels). token_type_ids [batch, pos]: an encoder's segment ids. Rows may
+    be padded (left or right) to different lengths. chunk_size bounds how many examples vmap
+    holds at once.
 
     The token embedding's gradient is taken with respect to the looked-up rows ([pos, d_model]
     per example) and scattered into its leaf: vmap would otherwise build a dense
     [batch, d_vocab, d_model] gradient for the lookup and, with a tied unembedding, add it to a
     second one (measured: 44% of the time on GPT-2 small)."""
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    token_type_ids = check_token_type_ids(token_type_ids, tokens, cfg)
+    if loss_fn is None:
+        require_causal_lm(cfg, "per_example_grads' default loss (next-token prediction)")
+    if labels is not None and labels.shape != tokens.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, tokens {tuple(tokens.shape)}")
     loss_fn = loss_fn or next_token_loss
     params = detached(params)
-    W_E = family_for(cfg).embed_weights(params, cfg).W_E  # [d_vocab, d_model]
+    family = family_for(cfg)
+    W_E = family.embed_weights(params, cfg).W_E  # [d_vocab, d_model]
     embed_name = next(name for name, value in params.items() if value is W_E)
 
-    def example_loss(p: Params, rows: Tensor, row: Tensor, row_mask: Tensor | None) -> Tensor:
-        row, row_mask = row[None], None if row_mask is None else row_mask[None]
-        embed = [("hook_embed", lambda x, hook: rows[None])]  # rows: [pos, d_model]
-        return loss_fn(forward(p, row, cfg, attention_mask=row_mask, hooks=embed), row, row_mask)
+    def example_loss(p: Params, rows: Tensor, row: Tensor, row_mask, row_types, row_targets) -> Tensor:
+        row, row_mask, row_types, row_targets = (None if t is None else t[None] for t in (row, row_mask, row_types, row_targets))
+        embed = [(family.token_embed_hook, lambda x, hook: rows[None])]  # rows: [pos, d_model]
+        logits = forward(p, row, cfg, attention_mask=row_mask, hooks=embed, token_type_ids=row_types)
+        return loss_fn(logits, row if row_targets is None else row_targets, row_mask)
 
-    mask_dim = None if attention_mask is None else 0
-    per_example = vmap(grad(example_loss, argnums=(0, 1)), in_dims=(None, 0, 0, mask_dim), chunk_size=chunk_size)
-    grads, row_grads = per_example(params, W_E[tokens], tokens, attention_mask)  # row_grads: [batch, pos, d_model]
+    dims = [None if t is None else 0 for t in (attention_mask, token_type_ids, labels)]
+    per_example = vmap(grad(example_loss, argnums=(0, 1)), in_dims=(None, 0, 0, *dims), chunk_size=chunk_size)
+    grads, row_grads = per_example(params, W_E[tokens], tokens, attention_mask, token_type_ids, labels)  # row_grads: [batch, pos, d_model]
     batch, vocab = tokens.shape[0], W_E.shape[0]
     flat_ids = (tokens + vocab * torch.arange(batch, device=tokens.device)[:, None]).flatten()
     embed_grad = grads[embed_name].contiguous()  # an untied W_E's own gradient is expanded zeros

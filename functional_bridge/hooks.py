@@ -179,6 +179,11 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
 
 @_memoized
 def _hook_names(cfg: BridgeConfig) -> tuple[str, ...]:
+    from .architectures import family_for  # the families import this module
+
+    family_names = family_for(cfg).hook_names
+    if family_names is not None:  # a family with its own forward (an encoder: HookedEncoder's names)
+        return tuple(family_names(cfg))
     names = ["embed.ln.hook_scale", "embed.ln.hook_normalized"] if cfg.post_embedding_ln else []
     names.append("hook_embed")
     if cfg.positional_embedding_type == "standard":

@@ -46,15 +46,19 @@ def forward(
     *,
     attention_mask: Tensor | None = None,
     hooks: Hooks | HookSet | None = None,
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Logits [batch, pos, d_vocab_out] for tokens [batch, pos] (a 1-D tokens gets batch 1).
 
     attention_mask [batch, pos] marks real tokens (1) and padding (0), on either side: positions
     count real tokens only, so each row's logits at its real positions equal that row run alone.
+    (An encoder, BERT, counts positions absolutely, padding included, as HF does: encoder.py.)
     hooks: ``[(name or predicate, fn), ...]``, TransformerLens hook functions.
+    token_type_ids [batch, pos]: an encoder's segment ids (BERT; default 0); causal LMs have none.
     """
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
-    return transformer(params, tokens, cfg, attention_mask, resolve_hooks(cfg, hooks))
+    token_type_ids = check_token_type_ids(token_type_ids, tokens, cfg)
+    return transformer(params, tokens, cfg, attention_mask, resolve_hooks(cfg, hooks), token_type_ids)
 
 
 def run_with_hooks(
@@ -64,9 +68,10 @@ def run_with_hooks(
     *,
     fwd_hooks: Hooks = (),
     attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """forward with TransformerLens-style ``fwd_hooks=[(name or predicate, fn)]``."""
-    return forward(params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks)
+    return forward(params, tokens, cfg, attention_mask=attention_mask, hooks=fwd_hooks, token_type_ids=token_type_ids)
 
 
 def run_with_cache(
@@ -78,6 +83,7 @@ def run_with_cache(
     attention_mask: Tensor | None = None,
     fwd_hooks: Hooks = (),
     detach: bool = False,
+    token_type_ids: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(logits, cache): cache maps each hook name chosen by names_filter (a name, a list of
     names, a predicate, or None for all) to its activation, in execution order. fwd_hooks run
@@ -85,13 +91,14 @@ def run_with_cache(
     this works inside vmap and grad. detach=True detaches the cached tensors (TransformerLens's
     behaviour); the default keeps them differentiable."""
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
+    token_type_ids = check_token_type_ids(token_type_ids, tokens, cfg)
     cache: dict[str, Tensor] = {}
 
     def save(activation: Tensor, hook) -> None:
         cache[hook.name] = activation.detach() if detach else activation
 
     hooks = resolve_hooks(cfg, fwd_hooks).appended(select_names(cfg, names_filter), save)
-    logits = transformer(params, tokens, cfg, attention_mask, hooks)
+    logits = transformer(params, tokens, cfg, attention_mask, hooks, token_type_ids)
     return logits, cache
 
 
@@ -140,6 +147,30 @@ def check_inputs(
     return tokens, attention_mask
 
 
+def check_token_type_ids(token_type_ids: Tensor | None, tokens: Tensor, cfg: BridgeConfig) -> Tensor | None:
+    """Validate an encoder's token types against checked tokens [batch, pos]; return them as
+    int64 [batch, pos] (a 1-D one gets batch 1), as tokens. Models without token types refuse them."""
+    if token_type_ids is None:
+        return None
+    if not cfg.n_token_types:
+        raise ValueError(f"token_type_ids given, but {cfg.original_architecture} has no token-type embeddings")
+    if not isinstance(token_type_ids, Tensor):
+        raise TypeError(f"token_type_ids must be a tensor of integer ids, got {type(token_type_ids).__name__}")
+    if token_type_ids.is_floating_point() or token_type_ids.is_complex() or token_type_ids.dtype == torch.bool:
+        raise TypeError(f"token_type_ids must be an integer tensor, got dtype {token_type_ids.dtype}")
+    if token_type_ids.dim() == 1:
+        token_type_ids = token_type_ids[None]
+    if token_type_ids.shape != tokens.shape:
+        raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, tokens {tuple(tokens.shape)}")
+    if token_type_ids.device != tokens.device:
+        raise ValueError(f"token_type_ids are on {token_type_ids.device} but tokens are on {tokens.device}")
+    if _values_readable(token_type_ids) and token_type_ids.numel():
+        low, high = int(token_type_ids.min()), int(token_type_ids.max())
+        if low < 0 or high >= cfg.n_token_types:
+            raise ValueError(f"token_type_ids must be in [0, {cfg.n_token_types}); got ids from {low} to {high}")
+    return token_type_ids.long()  # uint8/int8 would index the embedding as a boolean mask
+
+
 def _values_readable(tensor: Tensor) -> bool:
     """True outside torch.compile and functorch transforms, where a value check is allowed."""
     if torch.compiler.is_compiling():
@@ -148,10 +179,18 @@ def _values_readable(tensor: Tensor) -> bool:
 
 
 def transformer(
-    params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask: Tensor | None, hooks: HookSet
+    params: Params,
+    tokens: Tensor,
+    cfg: BridgeConfig,
+    attention_mask: Tensor | None,
+    hooks: HookSet,
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
-    """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out]."""
+    """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
+    A family with its own forward (an encoder) runs that instead of the decoder stack below."""
     family = family_for(cfg)
+    if family.forward is not None:
+        return family.forward(params, tokens, cfg, attention_mask, hooks, token_type_ids)
     batch, seq = tokens.shape
     positions = position_ids(attention_mask, seq, tokens.device)  # [batch or 1, pos]
     resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks)

@@ -45,6 +45,9 @@ def process_weights(
     refactor_factored_attn_matrices: bool = False,
 ) -> dict[str, Tensor]:
     """New params processed as HookedTransformer.load_and_process_state_dict does; pure."""
+    refusal = family_for(cfg).no_processing
+    if refusal is not None:
+        raise ValueError(f"weight processing is not defined for {cfg.original_architecture}: {refusal}")
     if refactor_factored_attn_matrices and cfg.positional_embedding_type == "rotary":
         raise ValueError(
             "refactor_factored_attn_matrices is not defined with rotary embeddings: the QK matrix "

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .architectures import family_for
+from .architectures.family import GLOBAL_TL_KEYS
 from .config import BridgeConfig
 from .derived import guard_unstored
 from .params import Params, check_params
@@ -21,8 +22,8 @@ LAYER_WEIGHTS = {
     "W_in": "mlp.W_in", "b_in": "mlp.b_in", "W_gate": "mlp.W_gate",
     "W_out": "mlp.W_out", "b_out": "mlp.b_out",
 }  # fmt: skip
-# Weights outside the blocks: short name -> TL key.
-GLOBAL_WEIGHTS = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
+# Weights outside the blocks: short name -> TL key (a family may name them otherwise: global_tl_keys).
+GLOBAL_WEIGHTS = GLOBAL_TL_KEYS
 
 
 def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
@@ -51,7 +52,7 @@ def stacked_tl_weight(params: Params, cfg: BridgeConfig, short_name: str) -> Ten
     axis, or a global weight (W_E, W_pos, W_U, b_U)."""
     tl = tl_weights(params, cfg)
     if short_name in GLOBAL_WEIGHTS:
-        key = GLOBAL_WEIGHTS[short_name]
+        key = family_for(cfg).global_tl_keys[short_name]
         if key not in tl:
             raise KeyError(f"this {cfg.original_architecture} model has no {key} ({short_name})")
         return tl[key]

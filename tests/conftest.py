@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# OpenMP threads that spin while waiting steal the CPU from each other and from anything else on a
+# shared machine: 20 GPT-2 training steps at 2 threads beside other work took 106-198 s spinning,
+# 6-18 s sleeping (PASSIVE). Set before torch loads its OpenMP runtime; a caller's choice wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The measured differences behind the families' tests, per test variant:
+"""The measured differences behind the families' tests, per test variant, then BERT's:
 `python tests/family_report.py` (TransformerLens columns need the oracle extra).
 
 Columns (max abs differences over the same random models the tests use): float32 logits vs HF's
@@ -7,7 +7,12 @@ tolerance.assert_as_accurate_as); left-padded rows vs each row run alone through
 error over HF's default path's (vs HF float32, base variants; the tests allow 1.25); TL weights vs TL 3.9's
 converter (biased variants: the keys its converter does not zero; "n/a": TL 3.9 has no
 converter for it); every cached activation vs HookedTransformer built from the same weights,
-in float64 and in float32."""
+in float64 and in float32.
+
+BERT's table (padded batches with token types; differences relative to the logit or activation
+scale): fp32 MLM logits vs HF eager, HF sdpa and HF float64, beside HF's own eager-vs-sdpa gap;
+right-padded rows vs alone; TL weights vs convert_bert_weights; every cached activation vs
+HookedEncoder in float64 and float32 (worst over hooks)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import functional_bridge as fb  # noqa: E402
 from family_helpers import ALL_VARIANTS, VOCAB, float64_logits, make_family, supports  # noqa: E402
 from helpers import max_diff, padded_batch, random_tokens  # noqa: E402
 from test_tl_oracle_families import BIASED_VARIANTS, ORACLE_VARIANTS, hooked_transformer, tl_conversion  # noqa: E402
+import bert_report  # noqa: E402
 
 ZEROED_BY_TL = ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
 
@@ -103,6 +109,8 @@ def main() -> None:
             cached = oracle and (family, variant) in ORACLE_VARIANTS
             row.append(cache_vs_hooked_transformer(family, variant, transformer_lens, dtype) if cached else None)
         print(f"| {family} | {variant} | " + " | ".join(fmt(v) for v in row) + " |")
+    print()
+    bert_report.main(transformer_lens)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import transformers
 from hypothesis import strategies as st
 
+from bert_helpers import perturb_bert_
 from family_helpers import perturb_family_
 from helpers import padded_batch, perturb_, random_tokens
 
@@ -58,6 +59,8 @@ class ModelCase:
             model.set_experts_implementation("eager")  # HF's grouped_mm needs 16-byte strides the drawn sizes lack
         if self.architecture == "GPT2LMHeadModel":
             return perturb_(model, self.seed, self.qk_scale)
+        if self.architecture.startswith("Bert"):
+            return perturb_bert_(model, self.seed, self.qk_scale)
         return perturb_family_(model, self.seed, self.qk_scale)
 
     @property
@@ -166,6 +169,17 @@ def _gptj_fields(draw) -> dict:
     )  # fmt: skip
 
 
+@st.composite
+def _bert_fields(draw) -> dict:
+    """BERT: 1-3 token types; the decoder stays tied (an untied one is refused by name)."""
+    n_heads, d_head = draw(st.integers(1, 4)), draw(st.sampled_from([4, 8, 12, 16]))
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS),
+        num_attention_heads=n_heads, hidden_size=n_heads * d_head, intermediate_size=draw(st.integers(8, 96)),
+        hidden_act=draw(ACTIVATION), layer_norm_eps=draw(EPS), type_vocab_size=draw(st.integers(1, 3)),
+    )  # fmt: skip
+
+
 def _rope(draw, d_head: int, partial: bool) -> dict:
     """_rope_parameters whose rotary dims (partial: a drawn fraction of d_head) are even."""
     return draw(_rope_parameters(partial=partial).filter(lambda r: int(d_head * r.get("partial_rotary_factor", 1.0)) % 2 == 0))
@@ -269,6 +283,8 @@ CONFIG_CLASSES = {
     "Qwen3ForCausalLM": "Qwen3Config",
     "GPTNeoXForCausalLM": "GPTNeoXConfig",
     "GPTJForCausalLM": "GPTJConfig",
+    "BertForMaskedLM": "BertConfig",
+    "BertForPreTraining": "BertConfig",
     "GemmaForCausalLM": "GemmaConfig",
     "Gemma2ForCausalLM": "Gemma2Config",
     "Gemma3ForCausalLM": "Gemma3TextConfig",
@@ -286,6 +302,8 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "Qwen3ForCausalLM": lambda: _llama_like_fields("qwen3"),
     "GPTNeoXForCausalLM": _neox_fields,
     "GPTJForCausalLM": _gptj_fields,
+    "BertForMaskedLM": _bert_fields,
+    "BertForPreTraining": _bert_fields,
     "GemmaForCausalLM": lambda: _gemma_fields(1),
     "Gemma2ForCausalLM": lambda: _gemma_fields(2),
     "Gemma3ForCausalLM": lambda: _gemma_fields(3),

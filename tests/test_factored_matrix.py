@@ -1,9 +1,16 @@
-"""FactoredMatrix and composition scores against dense float64 matrix computations.
+"""FactoredMatrix and composition scores against dense float64 matrix computations (and TL's
+unit-test behaviours: tensor-likes, indexing like the dense product, the per-instance SVD cache).
+The comparison with TransformerLens 3.9 itself is tests/parity/test_tl_oracle_factored_matrix.py.
 
 Tolerances (tests/tolerance.py): float64 rounding at the values' magnitude; an SVD's error is
 p(dims) eps ||A|| (LAPACK) with p a modest polynomial, here sqrt(n) with n = (l + m + r)^2, and
 its vectors turn by that over their singular value gap."""
 
+import gc
+import warnings
+import weakref
+
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +47,8 @@ def test_shapes_product_and_transpose(lead_a, lead_b, l, m, r):
     fm = random_fm(lead_a, lead_b, l, m, r)
     dense = fm.A @ fm.B
     lead = torch.broadcast_shapes(lead_a, lead_b)
-    assert fm.shape == (*lead, l, r) and fm.ndim == len(lead) + 2
+    assert fm.shape == (*lead, l, r) and fm.ndim == len(lead) + 2 and isinstance(fm.shape, torch.Size)
+    assert fm.has_leading_dims == bool(lead_a or lead_b)
     assert (fm.ldim, fm.mdim, fm.rdim) == (l, m, r)
     assert torch.equal(fm.AB, dense)
     assert torch.equal(fm.T.AB, (fm.B.mT @ fm.A.mT))
@@ -144,19 +152,184 @@ def test_indexing_unsqueeze_and_corner():
     with pytest.raises(IndexError):
         fm.unsqueeze(-1)  # would split the matrix dims
     assert torch.equal(fm.get_corner(2), dense[:2, :2, :2, :2])
-    with pytest.raises(IndexError, match="too many"):
+    with pytest.raises(ValueError, match="too long an index"):
         fm[0, 0, 0, 0, 0]
+    with pytest.raises(IndexError, match="single ellipsis"):
+        fm[..., ...]
+
+
+def keep_dims(index: tuple, n_lead: int) -> tuple:
+    """The dense equivalent of a FactoredMatrix index: ints at the matrix dims as length-1 slices."""
+    index = list(index)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at : at + 1] = [slice(None)] * (n_lead + 2 - sum(e is not None for e in index if e is not Ellipsis))
+    consumed = 0
+    for i, entry in enumerate(index):
+        if entry is None:
+            continue
+        if consumed >= n_lead and isinstance(entry, int):
+            index[i] = slice(entry, entry + 1 if entry != -1 else None)
+        consumed += 1
+    return tuple(index)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+@pytest.mark.parametrize(
+    "index",
+    [(...,), (..., 1), (..., -1), (..., 1, slice(None)), (..., -1, slice(None)), (..., slice(1, 4), slice(2, 6)),
+     (None, ..., slice(1, 4), slice(None)), (..., torch.tensor([1, 4])), (..., [1, 3], slice(None)), (..., np.array([0, 2]), -2)],
+)  # fmt: skip
+def test_indexing_with_an_ellipsis_equals_the_dense_product(lead, index):
+    """Rows and columns of unequal sizes (and a hidden dim of 2), so a misplaced entry shows."""
+    fm = random_fm(lead, lead, 5, 2, 7)
+    result = fm[index]
+    expected_index = keep_dims(tuple(torch.as_tensor(e) if isinstance(e, (list, np.ndarray)) else e for e in index), len(lead))
+    assert result.mdim == 2
+    close(result.AB, fm.AB[expected_index], roundings(fm), str(index))
+
+
+def test_indexing_with_masks_and_index_sequences():
+    fm = random_fm((2, 3), (2, 3), 5, 2, 7)
+    dense, n = fm.AB, roundings(fm)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    for form in (mask, mask.numpy(), mask.tolist()):
+        close(fm[form].AB, dense[mask], n)
+        close(fm[form, ..., 1].AB, dense[mask][..., 1:2], n)
+    close(fm[torch.tensor([True, False]), ..., 1, :].AB, dense[torch.tensor([True, False])][..., 1:2, :], n)
+    close(fm[[1, 0], ..., 1].AB, dense[[1, 0]][..., 1:2], n)  # a list consumes one dim
+    close(fm[:, :, [0, 1], [0]].AB, dense[:, :, [0, 1]][..., [0]], n)  # rows, then columns (not zipped)
+    close(fm[torch.tensor([1, 0]), ..., 3].AB, dense[[1, 0], :, :, 3:4], n)
+    with pytest.raises(IndexError, match="span the matrix dims"):
+        random_fm((2,), (2,), 5, 2, 7)[torch.ones(2, 5, dtype=torch.bool)]
+
+
+def test_index_forms_of_transformer_lens_unit_tests():
+    """The rest of TL's index checklist (tests/unit/factored_matrix/test_get_item.py): masks as
+    nested tuples and legacy uint8 masks (torch's deprecation warning kept), nested integer
+    sequences consuming one dim, an ellipsis of zero width, an index too long past an
+    ellipsis; slicing never forms the product."""
+    fm = random_fm((2, 3), (2, 3), 5, 2, 7)
+    dense, n = fm.AB, roundings(fm)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    close(fm[tuple(tuple(row) for row in mask.tolist()), ..., 1].AB, dense[mask][..., 1:2], n)
+    close(fm[(True, False), ..., 1].AB, dense[torch.tensor([True, False])][..., 1:2], n)
+    for byte_mask in (mask.to(torch.uint8), mask.to(torch.uint8).numpy()):
+        with pytest.warns(UserWarning, match="uint8"):
+            close(fm[byte_mask, ...].AB, dense[mask], n)
+    for nested in ([[1, 0], [0, 1]], ((1, 0), (0, 1))):
+        close(fm[nested, ..., 1].AB, dense[torch.tensor(nested), ..., 1:2], n)
+    flat = random_fm((), (), 5, 2, 7)
+    close(flat[1, ..., 2].AB, flat.AB[1:2, 2:3], roundings(flat))
+    with pytest.raises(ValueError, match="too long an index"):
+        flat[..., 0, 0, 0]
+    forbidden = property(lambda self: pytest.fail("indexing formed the product"))
+    original = FactoredMatrix.AB
+    try:
+        FactoredMatrix.AB = forbidden
+        sliced = fm[..., 1:4, 2:6]
+    finally:
+        FactoredMatrix.AB = original
+    close(sliced.AB, dense[..., 1:4, 2:6], n)
+
+
+class Wrapped:
+    """A tensor-like that is not a Tensor (TL's TensorLike protocol): ndim, shape, size(dim),
+    unsqueeze, squeeze, broadcast_to and @, each returning a Wrapped."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    ndim = property(lambda self: self.tensor.ndim)
+    shape = property(lambda self: self.tensor.shape)
+
+    def size(self, dim=None):
+        return self.tensor.size() if dim is None else self.tensor.size(dim)
+
+    def unsqueeze(self, dim):
+        return Wrapped(self.tensor.unsqueeze(dim))
+
+    def squeeze(self, dim):
+        return Wrapped(self.tensor.squeeze(dim))
+
+    def broadcast_to(self, shape):
+        return Wrapped(self.tensor.broadcast_to(shape))
+
+    def __matmul__(self, other):
+        if not isinstance(other, (torch.Tensor, Wrapped)):  # a FactoredMatrix (ours or TL's) answers
+            return NotImplemented
+        return Wrapped(self.tensor @ (other.tensor if isinstance(other, Wrapped) else other))
+
+    def __rmatmul__(self, other):
+        return Wrapped(other @ self.tensor)
+
+
+def test_products_with_tensor_likes():
+    fm = random_fm((), (), 3, 4, 5)
+    gen = torch.Generator().manual_seed(2)
+    right, left, vector = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((5, 6), (2, 3), (5,)))
+    for product, expected in ((fm @ Wrapped(right), fm.AB @ right), (Wrapped(left) @ fm, left @ fm.AB)):
+        assert isinstance(product, FactoredMatrix) and isinstance(product.AB, Wrapped)
+        close(product.AB.tensor, expected, roundings(fm))
+    collapsed = fm @ Wrapped(vector)
+    assert isinstance(collapsed, Wrapped)
+    close(collapsed.tensor, fm.AB @ vector, roundings(fm))
+    built = FactoredMatrix(Wrapped(fm.A), fm.B)  # a tensor-like factor
+    assert isinstance(built.AB, Wrapped)
+    close(built.AB.tensor, fm.AB, roundings(fm))
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        fm @ right.numpy()
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        left.numpy() @ fm
+    with pytest.raises(TypeError, match="tensor-like"):
+        FactoredMatrix([[1.0]], fm.B)
+
+
+def test_svd_is_cached_until_a_factor_changes():
+    """Repeated calls return the same tensors (TL caches per instance); an in-place edit of the
+    tensor a factor views (an optimizer step on a leaf) invalidates it; the cache does not keep
+    the instance alive."""
+    leaf = torch.randn(7, 4, dtype=torch.float64)
+    fm = FactoredMatrix(leaf[:, :3], torch.randn(3, 5, dtype=torch.float64))
+    first = fm.svd()
+    assert all(a is b for a, b in zip(first, fm.svd())) and fm.S is first[1]
+    with torch.no_grad():
+        leaf.mul_(2)
+    close(fm.S, 2 * first[1], roundings(fm), "S after the edit")
+    close(fm.norm(), torch.linalg.matrix_norm(fm.AB), roundings(fm), "norm after the edit")
+    ref = weakref.ref(fm)
+    del fm, first
+    gc.collect()
+    assert ref() is None
+
+
+def test_sixteen_bit_factors_are_decomposed_in_float32():
+    """SVD and eig have no 16-bit kernels (TL's svd fails on them): the spectra come back in
+    float32, equal to float64's on the same (rounded) values to float32 precision."""
+    fm64 = random_fm((2,), (), 6, 3, 6, seed=5)
+    half = FactoredMatrix(fm64.A.bfloat16(), fm64.B.bfloat16())
+    exact = FactoredMatrix(half.A.double(), half.B.double())  # the same values, float64
+    assert half.S.dtype == torch.float32 and half.eigenvalues.dtype == torch.complex64
+    n = roundings(exact)
+    assert_rounding_close(half.S, exact.S, n=n, scale=exact.S.max().item(), dtype=torch.float32, what="S")
+    assert_rounding_close(half.norm(), exact.norm(), n=n, dtype=torch.float32, what="norm")
+    assert_rounding_close(half.make_even().AB, exact.AB, n=n, dtype=torch.float32, what="make_even")
 
 
 def test_errors():
     with pytest.raises(ValueError, match="inner"):
         FactoredMatrix(torch.randn(3, 4), torch.randn(5, 6))
-    with pytest.raises(ValueError, match="broadcast"):
+    with pytest.raises(ValueError, match="[Mm]ismatch"):
         FactoredMatrix(torch.randn(2, 3, 4), torch.randn(3, 4, 6))
     with pytest.raises(ValueError, match="square"):
         random_fm().BA
-    with pytest.raises(AttributeError, match="use .V"):
-        random_fm().Vh
+    with pytest.raises(ValueError, match="scalar"):
+        random_fm() * torch.ones(2)
+    fm = random_fm()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(fm.Vh, fm.V)  # TL's deprecated alias of V
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
 
 
 def test_float32_matches_float64_to_float32_precision():

@@ -16,7 +16,7 @@ import functional_bridge as fb
 from functional_bridge.architectures import family_for
 from helpers import make_gpt2, padding_mask, random_tokens
 from tolerance import assert_as_accurate_as, float64, float64_copy
-from tiny_models import architectures, tiny_model
+from tiny_models import causal_lm_architectures, tiny_model
 
 OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 COMBOS = {
@@ -32,7 +32,7 @@ def storages(params):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch", causal_lm_architectures())
 def test_processing_keeps_the_hf_layout_and_leaves_the_input_alone(arch, tie):
     bridge = fb.Bridge.from_hf(tiny_model(arch, tie_word_embeddings=tie))
     params, cfg = bridge.params, bridge.cfg
@@ -47,7 +47,7 @@ def test_processing_keeps_the_hf_layout_and_leaves_the_input_alone(arch, tie):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch", causal_lm_architectures())
 def test_processing_keeps_log_probs(arch, tie):
     """Log-probs, not logits: centring the unembedding shifts each position's logits by a
     constant. Checked against HF's forward, and with left padding against the unprocessed bridge
@@ -68,7 +68,7 @@ def test_processing_keeps_log_probs(arch, tie):
             assert_as_accurate_as(padded, expected_padded, padded64, what=f"{combo}, padded")
 
 
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch", causal_lm_architectures())
 def test_refactor_is_refused_with_rotary_embeddings(arch):
     bridge = fb.Bridge.from_hf(tiny_model(arch))
     cfg = bridge.cfg
@@ -114,7 +114,7 @@ def test_gpt2_exports_every_option_but_fold_ln(tmp_path, tie, refactor):
 
 
 @pytest.mark.parametrize("combo", ["all", "fold_ln", "fold_value_biases", "center_unembed"])
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch", causal_lm_architectures())
 def test_to_hf_exports_what_the_hf_class_holds_and_names_what_it_cannot(arch, combo):
     hf = tiny_model(arch, tie_word_embeddings=True)
     bridge = fb.Bridge.from_hf(hf)

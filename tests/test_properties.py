@@ -10,11 +10,13 @@ actually produce, so nothing is tuned to one machine. Properties:
 
 - logits of ours (SDPA and explicit attention paths; float32 and float64) against HF;
 - each padded row (random lengths, left or right padding) at its real positions against HF
-  running that row alone;
+  running that row alone (an encoder, BERT: against HF's padded run, as its positions count the
+  padding);
 - run_with_cache's resid_pre/resid_post, final norm output and attention patterns against HF's
   output_hidden_states / output_attentions (eager), with tie_last_hidden_states off so that the
   last hidden state is the last block's output, not the final norm's;
-- processed weights (random TransformerLens options) keep HF's log-probs, padded rows included;
+- processed weights (random TransformerLens options) keep HF's log-probs, padded rows included
+  (causal LMs: TransformerLens defines no processing for an encoder, and the bridge refuses it);
 - set_tl_weights: writing the TL view back changes no leaf, and random values written to random
   writable keys read back bitwise (the inverses are reshapes and transposes), the pure function
   and the Bridge method alike; nothing unwritten moves.
@@ -37,7 +39,7 @@ from hypothesis import strategies as st
 import functional_bridge as fb
 from family_helpers import supports
 from float64_reference import EPS64, assert_as_close_as_hf, float64_everywhere, float64_reference
-from functional_bridge.architectures import family_for
+from functional_bridge.architectures import CAUSAL_LM, family_for, family_for_architecture
 from functional_bridge.editing import present_extras
 from functional_bridge.tl_layout import hf_dependencies, tl_layout
 from strategies import FIELDS, model_cases, padded_batches, token_batches
@@ -70,6 +72,7 @@ def _settings(scale: int = 1):
 NOT_FLOAT64_EXACT = {"gelu_fast"}
 
 ARCHITECTURES = fb.supported_architectures()
+CAUSAL_LMS = [arch for arch in ARCHITECTURES if family_for_architecture(arch).kind == CAUSAL_LM]
 FORCE_EXPLICIT = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)]
 
 
@@ -80,6 +83,20 @@ def test_every_supported_architecture_has_a_strategy():
 def _check(ours, hf, reference, what, eps=None):
     kwargs = {} if eps is None else {"eps": eps}
     assert_as_close_as_hf(ours, hf, reference, what, factor=FACTOR, floor_ulps=FLOOR_ULPS, **kwargs)
+
+
+def _logits(output) -> torch.Tensor:
+    """An HF output's LM logits (BertForPreTraining calls its MLM logits prediction_logits)."""
+    return output.logits if hasattr(output, "logits") else output.prediction_logits
+
+
+def _token_types(data, case, tokens) -> dict:
+    """An encoder's drawn token_type_ids [batch, pos] (as keyword arguments); {} for a causal LM."""
+    if case.architecture in CAUSAL_LMS:
+        return {}
+    seed = data.draw(st.integers(0, 2**16), label="token types seed")
+    n_types = case.fields["type_vocab_size"]
+    return {"token_type_ids": torch.randint(n_types, tokens.shape, generator=torch.Generator().manual_seed(seed))}
 
 
 class Oracle:
@@ -107,8 +124,8 @@ class Oracle:
     def rows_alone(self, tokens, mask, post=lambda logits: logits) -> tuple[torch.Tensor, dict]:
         """(float64 reference, HF's float32 runs) of ``post(logits)`` for each row's real tokens
         run alone, concatenated over rows: [real tokens, d_vocab]."""
-        reference = _rows_alone(lambda row: post(self.float64(row).logits), tokens, mask)
-        hf = _rows_alone(lambda row: {k: post(out.logits) for k, out in self.hf(row).items()}, tokens, mask)
+        reference = _rows_alone(lambda row: post(_logits(self.float64(row))), tokens, mask)
+        hf = _rows_alone(lambda row: {k: post(_logits(out)) for k, out in self.hf(row).items()}, tokens, mask)
         return reference, {name + "_alone": value for name, value in hf.items()}
 
 
@@ -130,17 +147,18 @@ def _rows_alone(run, tokens, mask):
 def test_logits_are_as_close_to_float64_as_hf(arch, data):
     case = data.draw(model_cases(arch), label="case")
     tokens = data.draw(token_batches(case.fields["vocab_size"]), label="tokens")
+    types = _token_types(data, case, tokens)
     oracle = Oracle(case)
     with torch.no_grad():
-        reference = oracle.float64(tokens).logits
-        hf = {name: out.logits for name, out in oracle.hf(tokens).items()}
+        reference = _logits(oracle.float64(tokens, **types))
+        hf = {name: _logits(out) for name, out in oracle.hf(tokens, **types).items()}
         bridge = fb.Bridge.from_hf(oracle.model)
-        ours = {"ours": bridge(tokens), "ours_explicit": bridge(tokens, hooks=FORCE_EXPLICIT)}
+        ours = {"ours": bridge(tokens, **types), "ours_explicit": bridge(tokens, hooks=FORCE_EXPLICIT, **types)}
         _check(ours, hf, reference, "logits")
         if case.activation in NOT_FLOAT64_EXACT:
             return
         bridge64 = fb.Bridge.from_hf(oracle.reference)
-        ours64 = {"ours64": bridge64(tokens), "ours64_explicit": bridge64(tokens, hooks=FORCE_EXPLICIT)}
+        ours64 = {"ours64": bridge64(tokens, **types), "ours64_explicit": bridge64(tokens, hooks=FORCE_EXPLICIT, **types)}
         _check(ours64, hf, reference, "float64 logits", eps=EPS64)
 
 
@@ -149,20 +167,27 @@ def test_logits_are_as_close_to_float64_as_hf(arch, data):
 @given(data=st.data())
 def test_padded_rows_equal_each_row_alone(arch, data):
     """Positions count real tokens, so a padded row's logits at its real positions are those of
-    the row run alone, on either side, through windows and rotary tables alike."""
+    the row run alone, on either side, through windows and rotary tables alike. An encoder's
+    positions count the padding (HF's rule for BERT): its oracle is HF's padded run, token types
+    drawn too."""
     case = data.draw(model_cases(arch), label="case")
     tokens, mask = data.draw(padded_batches(case.fields["vocab_size"]), label="tokens, mask")
+    types = _token_types(data, case, tokens)
     real = mask.bool()
     oracle = Oracle(case)
     with torch.no_grad():
-        reference, hf = oracle.rows_alone(tokens, mask)
+        if arch in CAUSAL_LMS:
+            reference, hf = oracle.rows_alone(tokens, mask)
+        else:
+            reference = _logits(oracle.float64(tokens, attention_mask=mask, **types))[real]
+            hf = {name: _logits(out)[real] for name, out in oracle.hf(tokens, attention_mask=mask, **types).items()}
         for suffix, model, eps in (("", oracle.model, None), ("64", oracle.reference, EPS64)):
             if eps is not None and case.activation in NOT_FLOAT64_EXACT:
                 continue
             bridge = fb.Bridge.from_hf(model)
             ours = {
-                "ours" + suffix: bridge(tokens, attention_mask=mask)[real],
-                f"ours{suffix}_explicit": bridge(tokens, attention_mask=mask, hooks=FORCE_EXPLICIT)[real],
+                "ours" + suffix: bridge(tokens, attention_mask=mask, **types)[real],
+                f"ours{suffix}_explicit": bridge(tokens, attention_mask=mask, hooks=FORCE_EXPLICIT, **types)[real],
             }  # fmt: skip
             _check(ours, hf, reference, f"padded logits{suffix}", eps=eps)
 
@@ -170,12 +195,15 @@ def test_padded_rows_equal_each_row_alone(arch, data):
 # activations ------------------------------------------------------------------------------------
 
 
-def _hf_activations(output, n_layers: int) -> dict:
-    """HF's base-model output (tie_last_hidden_states off) under our hook names."""
-    acts = {"unembed.hook_in": output.last_hidden_state}  # after the final norm
+def _hf_activations(output, n_layers: int, causal: bool) -> dict:
+    """HF's base-model output (tie_last_hidden_states off) under our hook names. A post-LN
+    encoder's block output is its hook_normalized_resid_post (HookedEncoder's name), and its base
+    model ends at the last block (the MLM head's norm is outside it)."""
+    acts = {"unembed.hook_in": output.last_hidden_state} if causal else {}  # after the final norm
+    block_out = "hook_resid_post" if causal else "hook_normalized_resid_post"
     for layer in range(n_layers):
         acts[f"blocks.{layer}.hook_resid_pre"] = output.hidden_states[layer]
-        acts[f"blocks.{layer}.hook_resid_post"] = output.hidden_states[layer + 1]
+        acts[f"blocks.{layer}.{block_out}"] = output.hidden_states[layer + 1]
         acts[f"blocks.{layer}.attn.hook_pattern"] = output.attentions[layer]  # [batch, head, query_pos, key_pos]
     return acts
 
@@ -194,8 +222,8 @@ def test_cache_matches_hf_hidden_states_and_attentions(arch, data):
     kwargs = dict(output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
         with float64_everywhere():
-            reference = _hf_activations(oracle.reference.base_model(tokens, **kwargs), n)
-        hf = _hf_activations(oracle.model.base_model(tokens, **kwargs), n)  # eager: sdpa has no attentions
+            reference = _hf_activations(oracle.reference.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS)
+        hf = _hf_activations(oracle.model.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS)  # eager: sdpa has no attentions
         _, cache = fb.run_with_cache(bridge.params, tokens, bridge.cfg, names_filter=list(reference))
         params64 = dict(oracle.reference.named_parameters())
         _, cache64 = fb.run_with_cache(params64, tokens, bridge.cfg, names_filter=list(reference))
@@ -217,7 +245,7 @@ def _processing_options(draw, rotary: bool) -> dict:
     return options
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", CAUSAL_LMS)
 @_settings()
 @given(data=st.data())
 def test_processing_keeps_log_probs(arch, data):
@@ -244,9 +272,11 @@ def test_processing_keeps_log_probs(arch, data):
 
 def _writable_keys(params, cfg) -> list[str]:
     """TL keys set_tl_weights accepts: those a leaf (or an extra leaf) holds, but the family's
-    derived keys (a tied W_U excepted: writing it unties the head). Not the gated MLP's
-    b_in/b_out or OLMo's weightless norms, which no HF leaf holds."""
-    derived = set(family_for(cfg).tl_derived_keys(cfg)) - {"unembed.W_U"}
+    derived keys (a tied W_U excepted where the family has extra leaves to untie the head into:
+    not BERT's tied decoder). Not the gated MLP's b_in/b_out or OLMo's weightless norms, which no
+    HF leaf holds."""
+    family = family_for(cfg)
+    derived = set(family.tl_derived_keys(cfg)) - ({"unembed.W_U"} if family.extra_param_shapes(cfg) else set())
     layout = tl_layout(cfg, present_extras(params, cfg))
     held = layout.backed | set(layout.extra_for)
     return [key for key in fb.tl_weights(params, cfg) if key in held and key not in derived]
@@ -269,12 +299,15 @@ def test_set_tl_weights_round_trips(arch, data):
     case = data.draw(model_cases(arch), label="case")
     bridge = fb.Bridge.from_hf(case.build())
     cfg = bridge.cfg
-    if data.draw(st.booleans(), label="processed first"):  # extra leaves present (lm_head, b_U)
+    if arch in CAUSAL_LMS and data.draw(st.booleans(), label="processed first"):  # extra leaves present (lm_head, b_U)
         bridge = bridge.processed()
     params = {name: value.detach().clone() for name, value in bridge.params.items()}  # bridge edits in place
     tl = fb.tl_weights(params, cfg)
     writable = _writable_keys(params, cfg)
-    assert set(writable) > {"embed.W_E", "unembed.W_U"}
+    global_keys = family_for(cfg).global_tl_keys
+    assert global_keys["W_E"] in writable and len(writable) > 2
+    if arch not in CAUSAL_LMS:  # BERT's decoder is tied with no leaf to untie it into
+        assert global_keys["W_U"] not in writable
 
     # the TL view written back changes no leaf and no TL value (writing a tied W_U unties it
     # into an extra leaf, with the same values)
@@ -304,8 +337,9 @@ def test_set_tl_weights_round_trips(arch, data):
         elif derived.get(key) not in updates and key in tl:
             _assert_same(value, tl[key], key, rounded_tl)
 
-    # a derived key (a grouped-query W_K repeating _W_K, GPT-J's ln2 = ln1) is refused, naming its source
-    refused = sorted(set(derived) - {"unembed.W_U"})
+    # a derived key (a grouped-query W_K repeating _W_K, GPT-J's ln2 = ln1, BERT's tied decoder) is
+    # refused, naming its source
+    refused = sorted(set(derived) - set(writable))
     if refused:
         key = data.draw(st.sampled_from(refused), label="derived key")
         with pytest.raises(ValueError, match=f"edit {derived[key]} instead"):

@@ -10,6 +10,8 @@ import torch
 import transformers
 
 import functional_bridge as fb
+from functional_bridge.architectures import family_for_architecture
+from functional_bridge.architectures.family import CAUSAL_LM
 from helpers import make_gpt2
 
 SMALL = dict(vocab_size=97, max_position_embeddings=40)
@@ -30,6 +32,8 @@ CONFIGS = {
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     ),
     "GPTJForCausalLM": ("GPTJConfig", dict(n_embd=48, n_inner=80, n_layer=2, n_head=4, rotary_dim=6, vocab_size=97, n_positions=40, bos_token_id=0, eos_token_id=0)),
+    "BertForMaskedLM": ("BertConfig", dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, **SMALL)),
+    "BertForPreTraining": ("BertConfig", dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, **SMALL)),
     "PhiForCausalLM": ("PhiConfig", dict(LLAMA_LIKE)),  # TL's Phi conversion has no grouped K/V
     "Phi3ForCausalLM": ("Phi3Config", dict(LLAMA_LIKE, num_key_value_heads=2, pad_token_id=0,
                                            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
@@ -48,6 +52,12 @@ CONFIGS = {
 
 def architectures() -> list[str]:
     return fb.supported_architectures()
+
+
+def causal_lm_architectures() -> list[str]:
+    """The registered causal LMs: what weight processing, an untied head and the pre-LN residual
+    decompositions apply to (encoders refuse them by name: tests/test_bert.py)."""
+    return [arch for arch in architectures() if family_for_architecture(arch).kind == CAUSAL_LM]
 
 
 def tiny_model(architecture: str, seed: int = 0, tie_word_embeddings: bool | None = None) -> torch.nn.Module:

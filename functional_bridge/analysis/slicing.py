@@ -26,6 +26,13 @@ def take(x: Tensor, selection, dim: int) -> Tensor:
     return x[tuple(index)]
 
 
+def unwrapped(selection):
+    """A TransformerLens ``Slice`` as the int, slice or index array it holds; anything else as is."""
+    if hasattr(selection, "apply") and hasattr(selection, "mode"):
+        return selection.slice
+    return selection
+
+
 def selected_indices(selection, size: int) -> list[int]:
     """The indices of range(size) a selection picks (an int picks one)."""
     picked = take(torch.arange(size), selection, 0)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import gemma, gpt2, gptj, llama, neox, olmo, phi, phi3
-from .family import Family
+from . import bert, gemma, gpt2, gptj, llama, neox, olmo, phi, phi3
+from .family import CAUSAL_LM, Family
 
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
     gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3, phi.FAMILY, phi3.FAMILY, olmo.OLMO, olmo.OLMO_2,
-    llama.MIXTRAL,
+    llama.MIXTRAL, bert.FOR_MASKED_LM, bert.FOR_PRETRAINING,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}
@@ -36,9 +36,18 @@ def family_for(cfg: BridgeConfig) -> Family:
     return family_for_architecture(cfg.original_architecture)
 
 
+def require_causal_lm(cfg: BridgeConfig, what: str, why: str = "bidirectional attention, no next token to predict") -> None:
+    """Refuse, by name, a causal-LM-only feature for a model of another kind (an encoder)."""
+    kind = family_for(cfg).kind
+    if kind != CAUSAL_LM:
+        raise ValueError(
+            f"{what} is for causal LMs; {cfg.original_architecture} is a {kind.replace('_', ' ')} model (an encoder: {why})"
+        )
+
+
 def hf_architecture(hf_config) -> str:
-    """The causal-LM class an HF config describes. The config's class (its model_type) decides,
-    as it does for AutoModelForCausalLM; ``config.architectures`` only chooses among that
+    """The model class an HF config describes. The config's class (its model_type) decides,
+    as it does for HF's Auto classes; ``config.architectures`` only chooses among that
     family's classes. A config listing only classes this library does not support is refused
     under the first listed name (a custom class may change the math)."""
     model_type = getattr(hf_config, "model_type", None)

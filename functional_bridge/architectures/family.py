@@ -4,11 +4,17 @@ A family maps an HF config to a BridgeConfig, names and shapes the HF leaves, ha
 each layer's weights in their fastest layout (views of the leaves, never copies), and derives
 TransformerLens's weights (and their inverse) from the leaves. Adding a family is one new file
 that builds a Family, registered in ``architectures/__init__.py``.
+
+Most families are causal LMs run by ``model.py``'s decoder stack. A family whose model is not
+(BERT's post-LN masked-LM encoder) brings its own pure ``forward`` and ``hook_names`` and says
+what it is in ``kind``; ``model.py`` and ``hooks.py`` dispatch to them, and the causal-LM-only
+API (per_example_grads' default next-token loss, the residual decompositions) refuses other kinds
+by name (``architectures.require_causal_lm``), as processing does where ``no_processing`` says why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, NamedTuple
 
 import torch
@@ -23,6 +29,10 @@ from ..config import BridgeConfig
 
 Params = Mapping[str, Tensor]
 Shapes = dict[str, tuple[int, ...]]
+
+CAUSAL_LM, MASKED_LM = "causal_lm", "masked_lm"
+# HookedTransformer's stacked global weights: short name -> TL key.
+GLOBAL_TL_KEYS = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembed.W_U", "b_U": "unembed.b_U"}
 
 
 class EmbedWeights(NamedTuple):
@@ -76,6 +86,19 @@ class Family:
     # TL keys that are copies or expansions of another TL key (derived -> source): writes must go
     # to the source. E.g. grouped-query W_K -> _W_K; a tied unembed.W_U -> embed.W_E.
     tl_derived_keys: Callable[[BridgeConfig], dict[str, str]] = lambda cfg: {}
+    # What the model is: CAUSAL_LM (next-token logits) or MASKED_LM (an encoder with an MLM head).
+    kind: str = CAUSAL_LM
+    # The family's own pure forward on checked inputs, when its model is not model.py's decoder
+    # stack: (params, tokens, cfg, attention_mask, hooks, token_type_ids) -> logits.
+    forward: Callable[..., Tensor] | None = None
+    # Its hook names in execution order (with forward); None: HookedTransformer's.
+    hook_names: Callable[[BridgeConfig], tuple[str, ...]] | None = None
+    # The stacked global weights (W_E, W_pos, W_U, b_U) under this family's TL keys.
+    global_tl_keys: Mapping[str, str] = field(default_factory=lambda: GLOBAL_TL_KEYS)
+    # The hook whose activation is the token embedding W_E[tokens] (per_example_grads replaces it).
+    token_embed_hook: str = "hook_embed"
+    # Why TransformerLens's weight processing does not apply (None: it does).
+    no_processing: str | None = None
     # TL keys that are arithmetic on a leaf rather than a view of it, as TL's converter computes
     # them (Gemma: embed.W_E = W_E * sqrt(d_model), norm weights w + 1). Through these a round
     # trip (TL -> HF -> TL, or HF -> TL -> HF) is exact only to the rounding of that arithmetic:

@@ -1,4 +1,4 @@
-"""Stateless causal self-attention with explicit dtype promotion.
+"""Stateless self-attention (causal, or bidirectional for encoders) with explicit dtype promotion.
 
 Scores and softmax are computed in float32 whatever the parameter dtype, and the pattern is cast
 to the value dtype before it meets the values. With no hook on the scores or the pattern, outside
@@ -40,11 +40,12 @@ class AttentionWeights(NamedTuple):
 class AttentionMask(NamedTuple):
     """Which keys each query may attend to, built once per forward and shared by all layers."""
 
-    allowed: Tensor  # [batch or 1, 1, query_pos, key_pos] bool: causal (and window) and not padding
-    has_key: Tensor | None  # [batch, 1, query_pos, 1] bool: the query has a key to attend to; None without a padding mask
+    allowed: Tensor | None  # [batch or 1, 1, query_pos or 1, key_pos] bool: causal (and window) and
+    # not padding; None: every key (bidirectional, no padding)
+    has_key: Tensor | None  # [batch, 1, query_pos or 1, 1] bool: the query has a key to attend to; None without a padding mask
     is_plain_causal: bool  # no padding and no window: SDPA's is_causal=True suffices
     in_transform: bool = False  # the forward's inputs are vmapped: use the explicit path
-    causal: Tensor | None = None  # [query_pos, key_pos] bool: causal (and window) alone
+    causal: Tensor | None = None  # [query_pos, key_pos] bool: causal (and window) alone; all True if bidirectional
     keys: Tensor | None = None  # [batch, 1, 1, key_pos] bool: real tokens; None without padding
     bias: Tensor | None = None  # [batch or 1, head, query_pos, key_pos] float32 added to the scores (ALiBi)
 
@@ -69,6 +70,19 @@ def build_attention_mask(
     keys = key_mask.bool()[:, None, None, :]
     allowed = causal[None, None] & keys
     return AttentionMask(allowed, allowed.any(-1, keepdim=True), False, in_transform, causal, keys)
+
+
+def build_bidirectional_mask(
+    query_len: int, key_mask: Tensor | None, device: torch.device, in_transform: bool = False
+) -> AttentionMask:
+    """An encoder's mask: every query attends to every real key. key_mask: [batch, key_pos],
+    True/1 at real tokens (None: no padding). Padding queries attend to the real keys too, as
+    HF's encoders do; a row with no real token gets an all-zero pattern."""
+    everything = torch.ones(query_len, query_len, dtype=torch.bool, device=device)  # [query_pos, key_pos]
+    if key_mask is None:
+        return AttentionMask(None, None, False, in_transform, everything, None)
+    keys = key_mask.bool()[:, None, None, :]  # [batch, 1, 1, key_pos]
+    return AttentionMask(keys, keys.any(-1, keepdim=True), False, in_transform, everything, keys)
 
 
 def project_qkv(x: Tensor, weights: AttentionWeights, n_heads: int, n_kv_heads: int, d_head: int):

@@ -16,8 +16,10 @@ def report_lines(figures: dict) -> list[str]:
     train = figures.get("training", {})
     if train:
         stop = " (interrupted by Ctrl-C)" if train.get("interrupted") else ""
+        threads = train.get("threads")
+        on = f", {threads} thread{'s' * (threads > 1)}" if threads else ""
         lines.append(
-            f"trained {train['steps_done']} steps in {train['seconds']:.1f} s ({train['steps_per_second']:.0f} steps/s)"
+            f"trained {train['steps_done']} steps in {train['seconds']:.1f} s ({train['steps_per_second']:.0f} steps/s{on})"
             f"{stop}; final loss {train['final_loss']:.3f}"
         )
     unseen = figures["induction_score_unseen"]
@@ -70,25 +72,37 @@ def write_json(figures: dict, path: Path) -> None:
     path.write_text(json.dumps(public, indent=2, default=str))
 
 
+PNG_DEPENDENCY_HINT = "pip install 'functional-bridge[plot]'"
+
+
+def pattern_figure(head: tuple[int, int], half: int, pattern):
+    """A matplotlib Figure of one head's attention pattern [query_pos, key_pos] on x + x with
+    half-length `half`: labelled axes and colorbar, and lines where the repeat starts."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    fig = Figure(figsize=(5.5, 4.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(pattern.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"induction head {head[0]}.{head[1]}: {half} random tokens, then the same {half} again", fontsize="medium")
+    ax.set_xlabel("key position (attended to)")
+    ax.set_ylabel("query position (attending)")
+    repeat = half - 0.5  # the boundary between position half - 1 and the repeat's first token
+    ax.axvline(repeat, color="white", linestyle="--", linewidth=1)
+    ax.axhline(repeat, color="white", linestyle="--", linewidth=1, label="repeat starts")
+    ax.legend(loc="upper right", fontsize="small")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="attention probability")
+    fig.tight_layout()
+    return fig
+
+
 def write_pattern_png(figures: dict, path: Path) -> str:
     """The attention pattern of the strongest induction head; returns what happened, in words."""
     if figures.get("_pattern") is None:
         return "no induction head, so no pattern plot"
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        return "matplotlib is not installed (pip install 'functional-bridge[plot]'): skipped the PNG"
-    (layer, head), half, pattern = figures["_pattern"]
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    image = ax.imshow(pattern.numpy(), cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"induction head {layer}.{head} on x + x (L = {half})")
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        return f"matplotlib is not installed ({PNG_DEPENDENCY_HINT}): skipped the PNG"
+    head, half, pattern = figures["_pattern"]
+    pattern_figure(head, half, pattern).savefig(path, dpi=120)
     return f"wrote {path}"

@@ -1,5 +1,7 @@
 """Circuits, composition scores, SVDInterpreter and ActivationCache against TransformerLens 3.9
-on the same GPT-2 (HookedTransformer built from the same HF weights, no processing).
+on the same GPT-2 (HookedTransformer built from the same HF weights, no processing unless said):
+each model's own run. ActivationCache on shared activations, method by method, is
+test_tl_oracle_activation_cache.py.
 
 Tolerances (tests/tolerance.py): in float32 ours is no further from TransformerLens run in
 float64 (the same weights) than 4x TransformerLens's float32 run is; in float64 the two agree to
@@ -154,7 +156,7 @@ def test_svd_interpreter_is_never_stale(transformer_lens):
     assert equal_up_to_sign(before, after) > 1e-2
 
 
-# ActivationCache ----------------------------------------------------------------------------
+# ActivationCache: each model's own run (shared activations: test_tl_oracle_activation_cache.py)
 
 OPTIONS = {
     "accumulated_resid": [
@@ -258,7 +260,7 @@ def test_keys_shorthands_and_batch_removal_equal_transformer_lens(transformer_le
         assert torch.equal(cache[key] == cache[key], tl_cache[key] == tl_cache[key])  # same hook picked
         assert_as_accurate_as(cache[key], tl_cache[key], tl64_cache[key], what=str(key))
     single, tl_single, tl64_single = cache.remove_batch_dim(), tl_cache.remove_batch_dim(), tl64_cache.remove_batch_dim()
-    assert not single.has_batch_dim and cache.has_batch_dim  # a new cache; TL edits its own
+    assert single is cache and not cache.has_batch_dim  # in place, as TL's
     assert {k: v.shape for k, v in single.items()} == {k: v.shape for k, v in tl_single.items()}
     for method, options in [
         ("accumulated_resid", {"apply_ln": True}), ("accumulated_resid", {"layer": 2, "apply_ln": True, "incl_mid": True}),

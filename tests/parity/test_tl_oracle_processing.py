@@ -12,7 +12,7 @@ import functional_bridge as fb
 from helpers import assert_caches_equal, hooked_float64, make_gpt2, max_diff, padding_mask, random_tokens, routed_rows
 from tolerance import assert_as_accurate_as
 from test_tl_oracle_gpt2 import tl_config, tl_conversion
-from tiny_models import architectures, tiny_model
+from tiny_models import causal_lm_architectures, tiny_model
 
 pytestmark = pytest.mark.oracle
 
@@ -112,7 +112,7 @@ def hooked_attribute(model, key: str):
 
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("combo", COMBOS)
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch", causal_lm_architectures())
 def test_processed_model_equals_hooked_transformers(transformer_lens, arch, combo, tie):
     """The processed TL weights equal HookedTransformer's processed state dict, and every cached
     activation its run_with_cache, without padding and with left padding. With rotary
