@@ -10,7 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 
 NORMALIZATION_TYPES = ("LN", "RMS")
-POSITIONAL_EMBEDDING_TYPES = ("standard", "rotary")
+POSITIONAL_EMBEDDING_TYPES = ("standard", "rotary", "alibi")
+# Where a block's norms sit: "pre" (ln1/ln2 read the residual stream), "pre_post" (also ln1_post and
+# ln2_post on the attention and MLP outputs: Gemma 2/3), "output" (only on the outputs, named ln1 and
+# ln2 as TransformerLens names OLMo 2's), "post_residual" (ln1/ln2 normalise resid + output: OPT's
+# do_layer_norm_before=False).
+NORM_PLACEMENTS = ("pre", "pre_post", "output", "post_residual")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,20 @@ class BridgeConfig:
     tie_word_embeddings: bool = True
     d_vocab_out: int | None = None  # defaults to d_vocab
     n_token_types: int = 0  # BERT's token-type (segment) embeddings, HF's type_vocab_size; 0: none
+    # The second wave (Gemma, Phi, OLMo, Mixtral, GPT-Neo, OPT, BLOOM); TransformerLens's names
+    # where it has the option. Each default leaves the math of the families above unchanged.
+    rotary_base_local: float | None = None  # local (windowed) layers' rotary base, unscaled (Gemma 3)
+    attn_scores_soft_cap: float | None = None  # scores -> cap * tanh(scores / cap), before the mask
+    output_logits_soft_cap: float | None = None  # logits -> cap * tanh(logits / cap), after unembed.hook_out
+    norm_placement: str = "pre"  # see NORM_PLACEMENTS
+    qk_norm_over_heads: bool = False  # q/k norms span all heads' dims, before the head split (OLMo 2)
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after their hooks (OLMo)
+    post_embedding_ln: bool = False  # a LayerNorm on the token embedding (BLOOM)
+    final_norm: bool = True  # a norm before the unembedding (OPT's post-LN models have none)
+    residual_from_norm: bool = False  # the residual branch starts at the norm's output (BLOOM option)
+    rotary_in_float32: bool = False  # 16-bit models rotate q/k in float32, cast after (OLMo's HF rotary)
+    num_experts: int | None = None  # mixture-of-experts MLP (Mixtral): experts per layer
+    experts_per_token: int | None = None  # ... and the top-k routed per token
 
     def __post_init__(self):
         if self.d_vocab_out is None:
@@ -64,6 +83,15 @@ class BridgeConfig:
             raise ValueError(
                 f"positional_embedding_type must be one of {POSITIONAL_EMBEDDING_TYPES}, "
                 f"got {self.positional_embedding_type!r}"
+            )
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if (self.num_experts is None) != (self.experts_per_token is None) or (
+            self.num_experts is not None and not 0 < self.experts_per_token <= self.num_experts
+        ):
+            raise ValueError(
+                f"num_experts and experts_per_token go together, with 0 < experts_per_token <= num_experts; "
+                f"got {self.num_experts} and {self.experts_per_token}"
             )
         if self.attn_types is not None and (
             len(self.attn_types) != self.n_layers or set(self.attn_types) - {"global", "local"}
@@ -85,6 +113,10 @@ class BridgeConfig:
         if self.attn_types is not None and self.attn_types[layer] == "global":
             return None
         return self.window_size
+
+    def layer_uses_local_rope(self, layer: int) -> bool:
+        """Whether a layer rotates with rotary_base_local (a windowed layer of a model that has one)."""
+        return self.rotary_base_local is not None and self.layer_window(layer) is not None
 
     def replace(self, **changes) -> "BridgeConfig":
         """A copy with some fields changed."""

@@ -66,15 +66,16 @@ class HookPoint:
 
 @dataclass(frozen=True)
 class LayerHookNames:
-    """The hook point names of block ``i`` (fields that do not apply to a config are None)."""
+    """The hook point names of block ``i``, in execution order (fields that do not apply to a
+    config are None; ``experts`` lists a mixture-of-experts layer's per-expert names)."""
 
     resid_pre: str
     attn_in: str | None  # optional hook points (OPTIONAL_HOOKS) hold their names but are left
     q_input: str | None  # out of in_order() unless their flag is asked for
     k_input: str | None
     v_input: str | None
-    ln1_scale: str
-    ln1_normalized: str
+    ln1_scale: str | None
+    ln1_normalized: str | None
     q: str
     k: str
     v: str
@@ -88,15 +89,26 @@ class LayerHookNames:
     pattern: str
     z: str
     result: str
+    ln1_post_scale: str | None  # a norm on the attention output (Gemma 2's ln1_post, OLMo 2's ln1)
+    ln1_post_normalized: str | None
     attn_out: str
+    ln1_resid_scale: str | None  # a norm on resid_pre + attn_out (OPT's post-LN)
+    ln1_resid_normalized: str | None
     resid_mid: str | None
     mlp_in: str
-    ln2_scale: str
-    ln2_normalized: str
-    mlp_pre: str
+    ln2_scale: str | None
+    ln2_normalized: str | None
+    expert_weights: str | None  # mixture of experts: router probabilities, chosen experts
+    expert_indices: str | None
+    experts: tuple[str, ...]  # per expert: hook_gate, hook_pre, hook_post
+    mlp_pre: str | None
     mlp_pre_linear: str | None
-    mlp_post: str
+    mlp_post: str | None
+    ln2_post_scale: str | None  # a norm on the MLP output
+    ln2_post_normalized: str | None
     mlp_out: str
+    ln2_resid_scale: str | None  # a norm on resid_mid + mlp_out (OPT's post-LN)
+    ln2_resid_normalized: str | None
     resid_post: str
 
     def in_order(self, optional: Collection[str] = ()) -> list[str]:
@@ -105,9 +117,11 @@ class LayerHookNames:
         wanted = {suffix for flag in optional for suffix in OPTIONAL_HOOKS[flag]}
         names = []
         for f in fields(self):
-            name = getattr(self, f.name)
-            if name and (f.name not in _OPTIONAL_FIELDS or name.split(".", 2)[2] in wanted):
-                names.append(name)
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                names.extend(value)
+            elif value and (f.name not in _OPTIONAL_FIELDS or value.split(".", 2)[2] in wanted):
+                names.append(value)
         return names
 
     def optional(self) -> list[str]:
@@ -130,20 +144,35 @@ def _memoized(fn):
     return lookup
 
 
+def _norm_names(prefix: str | None) -> tuple[str | None, str | None]:
+    return (prefix + "hook_scale", prefix + "hook_normalized") if prefix else (None, None)
+
+
 @_memoized
 def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
     p = f"blocks.{layer}."
     rotary = cfg.positional_embedding_type == "rotary"
     qk = cfg.use_qk_norm
     grouped = cfg.n_kv_heads != cfg.n_heads
+    placement = cfg.norm_placement
+    moe = cfg.num_experts is not None
+    ln1 = p + "ln1." if placement in ("pre", "pre_post") else None
+    ln2 = p + "ln2." if placement in ("pre", "pre_post") else None
+    ln1_post = {"pre_post": p + "ln1_post.", "output": p + "ln1."}.get(placement)
+    ln2_post = {"pre_post": p + "ln2_post.", "output": p + "ln2."}.get(placement)
+    ln1_resid = p + "ln1." if placement == "post_residual" else None
+    ln2_resid = p + "ln2." if placement == "post_residual" else None
+    experts = ()
+    if moe:
+        experts = tuple(f"{p}mlp.experts.{e}.hook_{n}" for e in range(cfg.num_experts) for n in ("gate", "pre", "post"))
     return LayerHookNames(
         resid_pre=p + "hook_resid_pre",
         attn_in=None if grouped else p + "hook_attn_in",
         q_input=p + "hook_q_input",
         k_input=p + "hook_k_input",
         v_input=p + "hook_v_input",
-        ln1_scale=p + "ln1.hook_scale",
-        ln1_normalized=p + "ln1.hook_normalized",
+        ln1_scale=_norm_names(ln1)[0],
+        ln1_normalized=_norm_names(ln1)[1],
         q=p + "attn.hook_q",
         k=p + "attn.hook_k",
         v=p + "attn.hook_v",
@@ -157,15 +186,26 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
         pattern=p + "attn.hook_pattern",
         z=p + "attn.hook_z",
         result=p + "attn.hook_result",
+        ln1_post_scale=_norm_names(ln1_post)[0],
+        ln1_post_normalized=_norm_names(ln1_post)[1],
         attn_out=p + "hook_attn_out",
+        ln1_resid_scale=_norm_names(ln1_resid)[0],
+        ln1_resid_normalized=_norm_names(ln1_resid)[1],
         resid_mid=None if cfg.parallel_attn_mlp else p + "hook_resid_mid",
         mlp_in=p + "hook_mlp_in",
-        ln2_scale=p + "ln2.hook_scale",
-        ln2_normalized=p + "ln2.hook_normalized",
-        mlp_pre=p + "mlp.hook_pre",
-        mlp_pre_linear=p + "mlp.hook_pre_linear" if cfg.gated_mlp else None,
-        mlp_post=p + "mlp.hook_post",
+        ln2_scale=_norm_names(ln2)[0],
+        ln2_normalized=_norm_names(ln2)[1],
+        expert_weights=p + "mlp.hook_expert_weights" if moe else None,
+        expert_indices=p + "mlp.hook_expert_indices" if moe else None,
+        experts=experts,
+        mlp_pre=None if moe else p + "mlp.hook_pre",
+        mlp_pre_linear=p + "mlp.hook_pre_linear" if cfg.gated_mlp and not moe else None,
+        mlp_post=None if moe else p + "mlp.hook_post",
+        ln2_post_scale=_norm_names(ln2_post)[0],
+        ln2_post_normalized=_norm_names(ln2_post)[1],
         mlp_out=p + "hook_mlp_out",
+        ln2_resid_scale=_norm_names(ln2_resid)[0],
+        ln2_resid_normalized=_norm_names(ln2_resid)[1],
         resid_post=p + "hook_resid_post",
     )
 
@@ -185,12 +225,15 @@ def _hook_names(cfg: BridgeConfig, optional: frozenset[str] = frozenset()) -> tu
     family_names = family_for(cfg).hook_names
     if family_names is not None:  # a family with its own forward (an encoder: HookedEncoder's names)
         return tuple(family_names(cfg))
-    names = ["hook_embed"]
+    names = ["embed.ln.hook_scale", "embed.ln.hook_normalized"] if cfg.post_embedding_ln else []
+    names.append("hook_embed")
     if cfg.positional_embedding_type == "standard":
         names.append("hook_pos_embed")
     for layer in range(cfg.n_layers):
         names.extend(layer_hook_names(cfg, layer).in_order(optional))
-    names += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
+    if cfg.final_norm:
+        names += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    names += ["unembed.hook_in", "unembed.hook_out"]
     return tuple(names)
 
 

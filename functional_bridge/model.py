@@ -25,10 +25,13 @@ from .components.attention import (
     project_qkv,
 )
 from .components.embed import embed_tokens, learned_positions, position_ids
+from .components.alibi import alibi_bias
 from .components.head_inputs import HeadInputs, head_inputs, head_results, mlp_input, project_head_inputs
 from .components.linear import affine
-from .components.mlp import mlp
+from .components.mlp import ACTIVATIONS, mlp
+from .components.moe import MoEWeights, moe
 from .components.norms import Norm, apply_norm
+from .components.precision import upcast
 from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
@@ -268,36 +271,69 @@ def transformer(
     device = tokens.device
     positions = position_ids(attention_mask, seq, device)  # [batch or 1, pos]
     if start_at_layer is None:
-        resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, hooks)
+        resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks)
     else:
         resid = tokens  # [batch, pos, d_model]
-    rotary = rotary_tables(positions, cfg, resid.dtype) if cfg.positional_embedding_type == "rotary" else None
+    rotaries = {}  # rotary tables per kind of layer (global, or local with its own base)
     masks = {}  # one mask per distinct window span, shared by the layers that use it
     in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
+    bias = alibi_bias(positions, cfg.n_heads) if cfg.positional_embedding_type == "alibi" else None
     for layer in layer_range(cfg, start_at_layer, stop_at_layer):
         window = cfg.layer_window(layer)
         if window not in masks:
             masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
+            if bias is not None:
+                masks[window] = masks[window]._replace(bias=bias)
+        rotary = None
+        if cfg.positional_embedding_type == "rotary":
+            local = cfg.layer_uses_local_rope(layer)
+            if local not in rotaries:
+                dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
+                rotaries[local] = rotary_tables(positions, cfg, dtype, local)
+            rotary = rotaries[local]
         resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary)
     if stop_at_layer is not None:
         return resid
     final = family.unembed_weights(params, cfg)
-    x = apply_norm(resid, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
+    x = resid
+    if final.ln_final is not None:
+        x = apply_norm(x, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
     if not unembed:
         return None
+    if final.project_out is not None:
+        x = affine(x, final.project_out)
     x = hooks("unembed.hook_in", x)
-    return hooks("unembed.hook_out", affine(x, final.unembed))
+    logits = hooks("unembed.hook_out", affine(x, final.unembed))
+    return soft_cap(logits, cfg.output_logits_soft_cap)
 
 
-def _embed(weights: EmbedWeights, tokens, positions, attention_mask, hooks: HookSet) -> Tensor:
-    """[batch, pos, d_model]: token embedding plus learned positions where the family has them."""
-    resid = hooks("hook_embed", embed_tokens(tokens, weights.W_E))
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(x / cap) (Gemma's soft-capping), or x when cap is None."""
+    return x if cap is None else (x / cap).tanh() * cap
+
+
+def _embed(weights: EmbedWeights, tokens, positions, attention_mask, cfg: BridgeConfig, hooks: HookSet) -> Tensor:
+    """[batch, pos, d_model]: token embedding (scaled, normed or projected as the family says)
+    plus learned positions where the family has them."""
+    embed = embed_tokens(tokens, weights.W_E)
+    if weights.scale is not None:  # in the embedding's dtype, from a float32 scalar, as HF's buffer
+        embed = embed * torch.tensor(weights.scale, dtype=torch.float32).to(embed.dtype)
+    if weights.ln is not None:
+        embed = apply_norm(embed, weights.ln, cfg.eps, hooks, "embed.ln.hook_scale", "embed.ln.hook_normalized")
+    if weights.project_in is not None:
+        embed = affine(embed, weights.project_in)
+    resid = hooks("hook_embed", embed)
     if weights.W_pos is None:
         return resid
     if attention_mask is None and not hooks.wants("hook_pos_embed"):
         return resid + weights.W_pos[: tokens.shape[1]]  # broadcast over batch, no copy
     pos = learned_positions(weights.W_pos, positions, attention_mask, tokens.shape[0])
     return resid + hooks("hook_pos_embed", pos)
+
+
+def _norm(x: Tensor, norm: Norm | None, cfg: BridgeConfig, hooks: HookSet, scale_name, normalized_name) -> Tensor:
+    """apply_norm, or x itself where the block has no norm at this place."""
+    return x if norm is None else apply_norm(x, norm, cfg.eps, hooks, scale_name, normalized_name)
 
 
 def block(
@@ -309,24 +345,38 @@ def block(
     hooks: HookSet,
     rotary: Rotary | None = None,
 ) -> Tensor:
-    """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]."""
-    names = layer_hook_names(cfg, layer)
-    resid = hooks(names.resid_pre, resid)
+    """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]. Each norm the
+    family gives applies at its place (inputs, outputs, or residual sums: LayerWeights)."""
+    n = layer_hook_names(cfg, layer)
+    resid = hooks(n.resid_pre, resid)
     # per-head inputs only when hook_attn_in / hook_q_input... is hooked (components/head_inputs.py)
-    x = head_inputs(resid, w.ln1, cfg.eps, cfg.n_heads, cfg.n_kv_heads, hooks, names)
+    x = head_inputs(resid, w.ln1, cfg.eps, cfg.n_heads, cfg.n_kv_heads, hooks, n)
     if x is None:
-        x = apply_norm(resid, w.ln1, cfg.eps, hooks, names.ln1_scale, names.ln1_normalized)
-    attn_out = hooks(names.attn_out, _attention(x, w, cfg, layer, mask, hooks, names, rotary))
+        x = _norm(resid, w.ln1, cfg, hooks, n.ln1_scale, n.ln1_normalized)
+    elif cfg.residual_from_norm:
+        raise NotImplementedError(f"{cfg.original_architecture}: per-head attention inputs (hook_attn_in, hook_q_input...) with residual_from_norm")
+    attn_out = _attention(x, w, cfg, layer, mask, hooks, n, rotary)
+    attn_out = hooks(n.attn_out, _norm(attn_out, w.ln1_post, cfg, hooks, n.ln1_post_scale, n.ln1_post_normalized))
     if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
-        mlp_in = mlp_input(resid, hooks, names.mlp_in)
-        reuse = w.ln2 is None and isinstance(x, Tensor) and mlp_in is resid and not _hooks_on_norms(hooks, names)
-        x2 = x if reuse else _ln2_parallel(mlp_in, w, cfg, hooks, names)
-        mlp_out = hooks(names.mlp_out, mlp(x2, w.mlp, cfg.act_fn, hooks, names))
-        return hooks(names.resid_post, resid + attn_out + mlp_out)
-    resid = hooks(names.resid_mid, resid + attn_out)
-    x = apply_norm(mlp_input(resid, hooks, names.mlp_in), w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
-    mlp_out = hooks(names.mlp_out, mlp(x, w.mlp, cfg.act_fn, hooks, names))
-    return hooks(names.resid_post, resid + mlp_out)
+        mlp_in = mlp_input(resid, hooks, n.mlp_in)
+        reuse = w.ln2 is None and isinstance(x, Tensor) and mlp_in is resid and not _hooks_on_norms(hooks, n)
+        x2 = x if reuse else _ln2_parallel(mlp_in, w, cfg, hooks, n)
+        mlp_out = _mlp(x2, w, cfg, hooks, n)
+        return hooks(n.resid_post, attn_out + mlp_out + resid)  # HF's order (NeoX, GPT-J, Phi)
+    resid = (x if cfg.residual_from_norm else resid) + attn_out
+    resid = hooks(n.resid_mid, _norm(resid, w.ln1_resid, cfg, hooks, n.ln1_resid_scale, n.ln1_resid_normalized))
+    x = _norm(mlp_input(resid, hooks, n.mlp_in), w.ln2, cfg, hooks, n.ln2_scale, n.ln2_normalized)
+    resid = (x if cfg.residual_from_norm else resid) + _mlp(x, w, cfg, hooks, n)
+    return hooks(n.resid_post, _norm(resid, w.ln2_resid, cfg, hooks, n.ln2_resid_scale, n.ln2_resid_normalized))
+
+
+def _mlp(x: Tensor, w: LayerWeights, cfg: BridgeConfig, hooks: HookSet, n) -> Tensor:
+    """The MLP (or mixture of experts) and its output norm: [batch, pos, d_model] -> the same."""
+    if isinstance(w.mlp, MoEWeights):
+        out = moe(x, w.mlp, ACTIVATIONS[cfg.act_fn], hooks, n)
+    else:
+        out = mlp(x, w.mlp, cfg.act_fn, hooks, n)
+    return hooks(n.mlp_out, _norm(out, w.ln2_post, cfg, hooks, n.ln2_post_scale, n.ln2_post_normalized))
 
 
 def _hooks_on_norms(hooks: HookSet, names) -> bool:
@@ -341,10 +391,12 @@ def _ln2_parallel(resid: Tensor, w: LayerWeights, cfg: BridgeConfig, hooks: Hook
     return apply_norm(resid, ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
 
 
-def _head_norm(x: Tensor, norm: Norm, eps: float, hooks: HookSet, scale_name, normalized_name) -> Tensor:
-    """Per-head norm (Qwen3's q_norm/k_norm): [batch, pos, head, d_head] -> the same. Hooks see
-    [batch * pos * head, ...] as HookedTransformer's."""
-    return apply_norm(x.reshape(-1, x.shape[-1]), norm, eps, hooks, scale_name, normalized_name).view(x.shape)
+def _qk_norm(x: Tensor, norm: Norm, cfg: BridgeConfig, hooks: HookSet, scale_name, normalized_name) -> Tensor:
+    """q or k [batch, pos, head, d_head] -> the same, normed per head (Qwen3, Gemma 3: hooks see
+    [batch * pos * head, d_head], as HookedTransformer's) or over all heads' dims at once (OLMo 2:
+    hooks see [batch, pos, head * d_head])."""
+    flat = x.flatten(-2) if cfg.qk_norm_over_heads else x.reshape(-1, x.shape[-1])
+    return apply_norm(flat, norm, cfg.eps, hooks, scale_name, normalized_name).view(x.shape)
 
 
 def _attention(
@@ -357,13 +409,15 @@ def _attention(
         q, k, v = project_qkv(x, w.attn, cfg.n_heads, cfg.n_kv_heads, cfg.d_head)  # [batch, pos, head, d_head]
     q, k, v = hooks(names.q, q), hooks(names.k, k), hooks(names.v, v)
     if w.attn.q_norm is not None:
-        q = _head_norm(q, w.attn.q_norm, cfg.eps, hooks, names.q_norm_scale, names.q_norm_normalized)
-        k = _head_norm(k, w.attn.k_norm, cfg.eps, hooks, names.k_norm_scale, names.k_norm_normalized)
+        q = _qk_norm(q, w.attn.q_norm, cfg, hooks, names.q_norm_scale, names.q_norm_normalized)
+        k = _qk_norm(k, w.attn.k_norm, cfg, hooks, names.k_norm_scale, names.k_norm_normalized)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if rotary is not None:
         q = hooks(names.rot_q, apply_rotary(q, rotary))
         k = hooks(names.rot_k, apply_rotary(k, rotary))
     scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
-    z = attend(q, k, v, mask, scale, hooks, names)
+    z = attend(q, k, v, mask, scale, hooks, names, cfg.attn_scores_soft_cap)
     if hooks.wants(names.result):  # HookedTransformer's use_attn_result
         result = hooks(names.result, head_results(z, w.attn.o))  # [batch, pos, head, d_model]
         return result.sum(-2) if w.attn.o.bias is None else result.sum(-2) + w.attn.o.bias

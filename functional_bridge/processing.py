@@ -11,10 +11,15 @@ HF layout has no slot (centring GPT-2's tied embedding unties the unembedding; f
 
 Folded norms keep their leaves, set to the identity (w = 1, b = 0): a LayerNorm with those
 weights is TL's LNPre. RMS models fold only the norm weights; centring needs LayerNorm, as in TL.
-16-bit weights are processed in float32 and cast back, as TL does.
+16-bit weights are processed in float32 and cast back, as TL does. As TL, options that would
+change the model are skipped with a warning: fold_ln and center_writing_weights where norms sit
+on sublayer outputs or residual sums (OLMo 2, OPT's post-LN), center_unembed under a final-logit
+soft cap (Gemma 2), whose tanh is not shift-invariant.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import einops
 import torch
@@ -49,11 +54,14 @@ def process_weights(
             "depends on the query and key positions (TransformerLens refuses too)"
         )
     check_params(params, cfg)
+    fold_ln, center_writing_weights, center_unembed = _applicable(cfg, fold_ln, center_writing_weights, center_unembed)
     start = tl_state(params, cfg)
     state = dict(start)
     layer_norm = cfg.normalization_type == "LN"
     if fold_ln:
-        state = fold_layer_norm(state, cfg, fold_biases=layer_norm, center_weights=layer_norm)
+        layout = tl_layout(cfg, present_extras(params, cfg))
+        unit = [key for key in layout.shapes if key.endswith(".w") and key not in layout.backed and key not in layout.derived]
+        state = fold_layer_norm(state, cfg, fold_biases=layer_norm, center_weights=layer_norm, unit_norms=unit)
     if center_writing_weights and layer_norm:
         state = center_writing_weights_(state, cfg)
     if center_unembed:
@@ -71,6 +79,20 @@ def process_weights(
             changed[key] = state[key]
     out = set_tl_weights(params, cfg, changed)
     return {name: value.clone() if value is params.get(name) else value for name, value in out.items()}
+
+
+def _applicable(cfg: BridgeConfig, fold_ln: bool, center_writing: bool, center_unembed: bool) -> tuple[bool, bool, bool]:
+    """The options that keep this model's function, warning about each requested one that would not."""
+    arch = cfg.original_architecture
+    if cfg.norm_placement in ("output", "post_residual"):
+        for name, requested in (("fold_ln", fold_ln), ("center_writing_weights", center_writing)):
+            if requested:
+                warnings.warn(f"{name} skipped: {arch}'s norms are not on the sublayer inputs, so it would change the model")
+        fold_ln = center_writing = False
+    if center_unembed and cfg.output_logits_soft_cap is not None:
+        warnings.warn(f"center_unembed skipped: {arch}'s final-logit soft cap is not invariant to shifting the logits")
+        center_unembed = False
+    return fold_ln, center_writing, center_unembed
 
 
 def tl_state(params: Params, cfg: BridgeConfig) -> State:
@@ -94,9 +116,15 @@ def _attn(state: State, layer: int, name: str) -> str:
     return underscored if underscored in state else key
 
 
-def fold_layer_norm(state: State, cfg: BridgeConfig, *, fold_biases: bool = True, center_weights: bool = True) -> State:
-    """Fold each norm's weight (and bias) into the weights that read it; norms become identity."""
+def fold_layer_norm(
+    state: State, cfg: BridgeConfig, *, fold_biases: bool = True, center_weights: bool = True, unit_norms=()
+) -> State:
+    """Fold each norm's weight (and bias) into the weights that read it; norms become identity.
+    unit_norms: TL weight keys of norms without weights (OLMo's: TL's w = 1), which fold as ones
+    (so the weights reading a LayerNorm are centred, as TL does) and stay out of the result."""
     s = dict(state)
+    like = s["embed.W_E"]
+    s.update({key: like.new_ones(cfg.d_model) for key in unit_norms})
     for layer in range(cfg.n_layers):
         t = f"blocks.{layer}."
         ln1_w = s.get(t + "ln1.w")  # [d_model]
@@ -134,6 +162,8 @@ def fold_layer_norm(state: State, cfg: BridgeConfig, *, fold_biases: bool = True
         if center_weights:
             W_U = W_U - W_U.mean(0, keepdim=True)
         s["unembed.W_U"] = W_U
+    for key in unit_norms:
+        del s[key]
     return s
 
 
@@ -141,6 +171,8 @@ def _fold_mlp_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor
     """Fold a norm (w, b: [d_model]) into W_in (and W_gate); name: the norm's TL prefix, or None
     when it is ln1, already set to identity."""
     t = f"blocks.{layer}."
+    if cfg.num_experts is not None:
+        return _fold_moe_norm(s, cfg, layer, w, b, name)
     W_in = s[t + "mlp.W_in"]  # [d_model, d_mlp]
     if b is not None:
         folded = (W_in * b[:, None]).sum(-2)  # [d_mlp]
@@ -158,6 +190,20 @@ def _fold_mlp_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor
         s[t + name + ".w"] = torch.ones_like(w)
     if center:
         s[t + "mlp.W_in"] = s[t + "mlp.W_in"] - s[t + "mlp.W_in"].mean(0, keepdim=True)
+    return s
+
+
+def _fold_moe_norm(s: State, cfg: BridgeConfig, layer: int, w: Tensor, b: Tensor | None, name) -> State:
+    """A norm's weight folded into everything that reads it in a mixture of experts, as TL does:
+    the router and every expert's W_gate and W_in (nn.Linear layout, [out, d_model]). No
+    mixture-of-experts family has a norm bias to fold."""
+    if b is not None:
+        raise ValueError(f"{cfg.original_architecture}: folding a norm bias into a mixture of experts is not supported")
+    t = f"blocks.{layer}.mlp."
+    keys = [t + "W_gate.weight"] + [f"{t}experts.{e}.{W}.weight" for e in range(cfg.num_experts) for W in ("W_gate", "W_in")]
+    s.update({key: s[key] * w[None, :] for key in keys})
+    if name is not None:
+        s[f"blocks.{layer}.{name}.w"] = torch.ones_like(w)
     return s
 
 

@@ -1,10 +1,13 @@
-"""The measured differences behind the rotary-families note, per test variant, then BERT's:
+"""The measured differences behind the families' tests, per test variant, then BERT's:
 `python tests/family_report.py` (TransformerLens columns need the oracle extra).
 
-Columns (max abs differences over the same random models the tests use): fp32 logits vs HF
-eager and HF sdpa; left-padded rows vs each row run alone through HF; TL weights vs TL 3.9's
-converter (biased variants: the keys its converter does not zero); every cached activation vs
-HookedTransformer built from the same weights, in float64 and in float32.
+Columns (max abs differences over the same random models the tests use): float32 logits vs HF's
+float64 logits, ours and HF eager's and HF sdpa's (the tests' bound is 4x the worst HF error,
+tolerance.assert_as_accurate_as); left-padded rows vs each row run alone through HF; bfloat16: our
+error over HF's default path's (vs HF float32, base variants; the tests allow 1.25); TL weights vs TL 3.9's
+converter (biased variants: the keys its converter does not zero; "n/a": TL 3.9 has no
+converter for it); every cached activation vs HookedTransformer built from the same weights,
+in float64 and in float32.
 
 BERT's table (padded batches with token types; differences relative to the logit or activation
 scale): fp32 MLM logits vs HF eager, HF sdpa and HF float64, beside HF's own eager-vs-sdpa gap;
@@ -21,7 +24,7 @@ import torch
 sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), "parity")]
 
 import functional_bridge as fb  # noqa: E402
-from family_helpers import ALL_VARIANTS, VOCAB, make_family, supports  # noqa: E402
+from family_helpers import ALL_VARIANTS, VOCAB, float64_logits, make_family, supports  # noqa: E402
 from helpers import max_diff, padded_batch, random_tokens  # noqa: E402
 from test_tl_oracle_families import BIASED_VARIANTS, ORACLE_VARIANTS, hooked_transformer, tl_conversion  # noqa: E402
 import bert_report  # noqa: E402
@@ -29,12 +32,28 @@ import bert_report  # noqa: E402
 ZEROED_BY_TL = ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O")
 
 
-def logits_vs_hf(family, variant, attn):
-    hf = make_family(family, variant, attn=attn)
-    if not supports(hf, attn):
-        return None
+def logits_vs_float64(family, variant) -> list:
+    """[ours, HF eager, HF sdpa] float32 errors against HF's float64 logits."""
     tokens = random_tokens(3, 19, VOCAB)
-    return max_diff(fb.Bridge.from_hf(hf)(tokens), hf(tokens).logits)
+    reference = None
+    row = []
+    for attn in ("eager", "sdpa"):
+        hf = make_family(family, variant, attn=attn)
+        reference = float64_logits(hf, tokens) if reference is None else reference
+        if not row:
+            row.append(max_diff(fb.Bridge.from_hf(hf)(tokens), reference))
+        row.append(max_diff(hf(tokens).logits, reference) if supports(hf, attn) else None)
+    return row
+
+
+def bf16_over_hf(family, variant):
+    """Our bfloat16 error over HF's (its default attention), both vs HF float32 (base variants)."""
+    if variant != "base":
+        return None
+    from test_families import _bf16_errors
+
+    e = _bf16_errors(family, 0)
+    return e["ours"] / e.get("hf_sdpa", e["hf_eager"])
 
 
 def padded_vs_alone(family, variant):
@@ -71,7 +90,7 @@ def cache_vs_hooked_transformer(family, variant, transformer_lens, dtype):
 
 
 def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.1e}"
+    return "n/a" if value is None else f"{value:.2g}" if 0.1 < value < 10 else f"{value:.1e}"
 
 
 @torch.no_grad()
@@ -80,10 +99,10 @@ def main() -> None:
         import transformer_lens
     except ImportError:
         transformer_lens = None
-    print("| family | variant | vs HF eager | vs HF sdpa | padded vs alone | TL weights | cache f64 | cache f32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| family | variant | ours vs f64 | HF eager vs f64 | HF sdpa vs f64 | padded vs alone | bf16 ours/HF | TL weights | cache f64 | cache f32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for family, variant in ALL_VARIANTS:
-        row = [logits_vs_hf(family, variant, "eager"), logits_vs_hf(family, variant, "sdpa"), padded_vs_alone(family, variant)]
+        row = [*logits_vs_float64(family, variant), padded_vs_alone(family, variant), bf16_over_hf(family, variant)]
         oracle = transformer_lens is not None and (family, variant) in ORACLE_VARIANTS + BIASED_VARIANTS
         row.append(tl_weights_vs_converter(family, variant, transformer_lens) if oracle else None)
         for dtype in (torch.float64, torch.float32):

@@ -77,21 +77,25 @@ def hooked_float64(model):
     return model64.double()
 
 
-def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64):
+def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64, adapt=None):
     """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s,
     same names in the same order, masked attention scores -inf in both. Returns (logits, cache,
     HookedTransformer's logits). Grounded (tests/tolerance.py): in float32 each activation is no
     further from HookedTransformer's own run in float64 than 4x HookedTransformer's float32 run
     is; in float64 both are within rounding (of ``float64_precision``: float32 where the oracle
     computes a part in float32 whatever the dtype) at the largest activation's magnitude over the
-    forward's depth."""
+    forward's depth. adapt: applied to the bridge's cache first (e.g. to take the rows of
+    HookedTransformer's data-dependent per-expert hooks)."""
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+        cache = cache if adapt is None else adapt(cache)
         tl_logits, tl_cache = model.run_with_cache(tokens, attention_mask=mask)
     assert list(cache) == list(tl_cache.keys())
     for name, value in tl_cache.items():
         assert cache[name].shape == value.shape, name
     ours, theirs = {**cache, "logits": logits}, {**dict(tl_cache.items()), "logits": tl_logits}
+    for name in [name for name, value in theirs.items() if not value.is_floating_point()]:  # MoE routing indices
+        assert torch.equal(ours.pop(name), theirs.pop(name)), name
     if logits.dtype == torch.float64:
         depth = forward_depth(bridge.cfg, tokens.shape[-1])
         finite = {name: value.isfinite() for name, value in theirs.items()}  # -inf where masked, as TL writes it
@@ -105,5 +109,25 @@ def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.flo
         with torch.no_grad():
             tl64_logits, tl64_cache = hooked_float64(model).run_with_cache(tokens, attention_mask=mask)
         assert tl64_logits.dtype == torch.float64
-        assert_as_accurate_as(ours, theirs, {**dict(tl64_cache.items()), "logits": tl64_logits}, per_key_scale=True)
+        reference = {**dict(tl64_cache.items()), "logits": tl64_logits}
+        assert_as_accurate_as(ours, theirs, {name: reference[name] for name in theirs}, per_key_scale=True)
     return logits, cache, tl_logits
+
+
+def routed_rows(cfg):
+    """Our cache -> HookedTransformer's: its per-expert hooks (hook_gate, hook_pre, hook_post)
+    see only the tokens routed to the expert, in its order (by top-k slot, then token); ours see
+    every token. Each of its rows is compared with ours for that token."""
+
+    def adapt(cache):
+        out = dict(cache.items())
+        for layer in range(cfg.n_layers):
+            indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]  # [tokens, k]
+            for expert in range(cfg.num_experts):
+                _, token = torch.where((indices == expert).T)  # [k, tokens] row-major: slot, then token
+                for hook in ("gate", "pre", "post"):
+                    name = f"blocks.{layer}.mlp.experts.{expert}.hook_{hook}"
+                    out[name] = cache[name][token]
+        return out
+
+    return adapt

@@ -12,6 +12,7 @@ drawn is at least that).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,9 +46,7 @@ class ModelCase:
 
     def config(self):
         config_class = getattr(transformers, CONFIG_CLASSES[self.architecture])
-        fields = {"bos_token_id": 0, "eos_token_id": 0, **self.fields}
-        if "rope_parameters" in fields:
-            fields["rope_parameters"] = dict(fields["rope_parameters"])  # HF edits it in place
+        fields = copy.deepcopy({"bos_token_id": 0, "eos_token_id": 0, **self.fields})  # HF edits rope_parameters in place
         return config_class(**fields)
 
     def build(self) -> torch.nn.Module:
@@ -56,6 +55,8 @@ class ModelCase:
         torch.manual_seed(self.seed)
         model = getattr(transformers, self.architecture)(self.config()).eval()
         model.set_attn_implementation("eager")
+        if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+            model.set_experts_implementation("eager")  # HF's grouped_mm needs 16-byte strides the drawn sizes lack
         if self.architecture == "GPT2LMHeadModel":
             return perturb_(model, self.seed, self.qk_scale)
         if self.architecture.startswith("Bert"):
@@ -64,7 +65,7 @@ class ModelCase:
 
     @property
     def activation(self) -> str:
-        return self.fields.get("hidden_act", self.fields.get("activation_function"))
+        return self.fields.get("hidden_act", self.fields.get("activation_function", self.fields.get("hidden_activation")))
 
 
 # family field strategies ----------------------------------------------------------------------
@@ -179,6 +180,100 @@ def _bert_fields(draw) -> dict:
     )  # fmt: skip
 
 
+def _rope(draw, d_head: int, partial: bool) -> dict:
+    """_rope_parameters whose rotary dims (partial: a drawn fraction of d_head) are even."""
+    return draw(_rope_parameters(partial=partial).filter(lambda r: int(d_head * r.get("partial_rotary_factor", 1.0)) % 2 == 0))
+
+
+def _layer_types(draw, n_layers: int) -> list[str]:
+    return draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=n_layers, max_size=n_layers))
+
+
+def _gemma_fields(generation: int):
+    """Gemma 1/2/3: d_model a perfect square (sqrt(d_model), the embedding scale, exact in every
+    dtype, so HF's float64 reference scales as its float32 model does); Gemma 2/3's windows per
+    layer type, query_pre_attn_scalar, soft caps that bind; Gemma 3's local and global rope."""
+
+    @st.composite
+    def fields(draw) -> dict:
+        n_layers, heads = draw(LAYERS), draw(_gqa_heads())
+        out = dict(
+            vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=n_layers,
+            hidden_size=draw(st.sampled_from([h for h in (16, 36, 64) if h % heads["num_attention_heads"] == 0])),  # HF: a multiple of the heads
+            intermediate_size=draw(st.integers(8, 96)),
+            rms_norm_eps=draw(EPS), tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()), **heads,
+        )  # fmt: skip
+        out["hidden_act" if generation == 1 else "hidden_activation"] = draw(ACTIVATION)
+        if generation == 3:
+            local = {"rope_type": "default", "rope_theta": draw(ROPE_THETA)}
+            out["rope_parameters"] = {"full_attention": draw(_rope_parameters()), "sliding_attention": local}
+        else:
+            out["rope_parameters"] = draw(_rope_parameters())
+        if generation > 1:
+            out.update(sliding_window=draw(st.integers(1, 8)), layer_types=_layer_types(draw, n_layers),
+                       query_pre_attn_scalar=draw(st.sampled_from([4, 16, 20, 64])),
+                       final_logit_softcapping=draw(st.none() | st.sampled_from([2.0, 5.0, 30.0])))  # fmt: skip
+        if generation == 2:
+            out["attn_logit_softcapping"] = draw(st.none() | st.sampled_from([2.0, 10.0, 50.0]))
+        return out
+
+    return fields()
+
+
+@st.composite
+def _phi_fields(draw) -> dict:
+    heads, d_head = draw(_gqa_heads()), draw(st.sampled_from([4, 8, 12, 16]))
+    n_heads = heads["num_attention_heads"]
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS),
+        num_attention_heads=n_heads, num_key_value_heads=heads["num_key_value_heads"], hidden_size=n_heads * d_head,
+        intermediate_size=draw(st.integers(8, 96)), hidden_act=draw(ACTIVATION), layer_norm_eps=draw(EPS),
+        tie_word_embeddings=draw(st.booleans()), qk_layernorm=draw(st.booleans()), rope_parameters=_rope(draw, d_head, True),
+    )  # fmt: skip
+
+
+@st.composite
+def _phi3_fields(draw) -> dict:
+    heads, d_head = draw(_gqa_heads()), draw(st.sampled_from([4, 8, 12, 16]))
+    n_heads = heads["num_attention_heads"]
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS), pad_token_id=0,
+        num_attention_heads=n_heads, num_key_value_heads=heads["num_key_value_heads"], hidden_size=n_heads * d_head,
+        intermediate_size=draw(st.integers(8, 96)), hidden_act=draw(ACTIVATION), rms_norm_eps=draw(EPS),
+        tie_word_embeddings=draw(st.booleans()), sliding_window=draw(st.none() | st.integers(1, 8)),
+        rope_parameters=draw(st.builds(  # Phi3Config accepts rope types default and longrope (refused) only
+            lambda theta, factor: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor},
+            ROPE_THETA, st.sampled_from([f for f in (0.25, 0.5, 0.75, 1.0) if int(d_head * f) % 2 == 0]))),
+    )  # fmt: skip
+
+
+def _olmo_fields(olmo2: bool):
+    @st.composite
+    def fields(draw) -> dict:
+        heads, d_head = draw(_gqa_heads()), draw(st.sampled_from([4, 8, 12, 16]))
+        n_heads = heads["num_attention_heads"]
+        out = dict(
+            vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS), pad_token_id=0,
+            num_attention_heads=n_heads, num_key_value_heads=heads["num_key_value_heads"], hidden_size=n_heads * d_head,
+            intermediate_size=draw(st.integers(8, 96)), hidden_act=draw(ACTIVATION), tie_word_embeddings=draw(st.booleans()),
+            attention_bias=draw(st.booleans()), rope_parameters=_rope(draw, d_head, False),
+        )  # fmt: skip
+        if olmo2:
+            out["rms_norm_eps"] = draw(EPS)
+        else:
+            out["clip_qkv"] = draw(st.none() | st.sampled_from([0.5, 1.5, 8.0]))
+        return out
+
+    return fields()
+
+
+@st.composite
+def _mixtral_fields(draw) -> dict:
+    experts = draw(st.integers(1, 4))
+    out = draw(_llama_like_fields("mistral"))
+    return dict(out, num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, experts)))
+
+
 # HF class -> its config class, and the strategy for its config fields
 CONFIG_CLASSES = {
     "GPT2LMHeadModel": "GPT2Config",
@@ -190,6 +285,14 @@ CONFIG_CLASSES = {
     "GPTJForCausalLM": "GPTJConfig",
     "BertForMaskedLM": "BertConfig",
     "BertForPreTraining": "BertConfig",
+    "GemmaForCausalLM": "GemmaConfig",
+    "Gemma2ForCausalLM": "Gemma2Config",
+    "Gemma3ForCausalLM": "Gemma3TextConfig",
+    "PhiForCausalLM": "PhiConfig",
+    "Phi3ForCausalLM": "Phi3Config",
+    "OlmoForCausalLM": "OlmoConfig",
+    "Olmo2ForCausalLM": "Olmo2Config",
+    "MixtralForCausalLM": "MixtralConfig",
 }
 FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPT2LMHeadModel": _gpt2_fields,
@@ -201,6 +304,14 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPTJForCausalLM": _gptj_fields,
     "BertForMaskedLM": _bert_fields,
     "BertForPreTraining": _bert_fields,
+    "GemmaForCausalLM": lambda: _gemma_fields(1),
+    "Gemma2ForCausalLM": lambda: _gemma_fields(2),
+    "Gemma3ForCausalLM": lambda: _gemma_fields(3),
+    "PhiForCausalLM": _phi_fields,
+    "Phi3ForCausalLM": _phi3_fields,
+    "OlmoForCausalLM": lambda: _olmo_fields(False),
+    "Olmo2ForCausalLM": lambda: _olmo_fields(True),
+    "MixtralForCausalLM": _mixtral_fields,
 }
 
 

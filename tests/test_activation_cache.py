@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 import functional_bridge as fb
+from functional_bridge.hooks import layer_hook_names
 from helpers import make_gpt2, max_diff, random_tokens
 from tiny_models import architectures, causal_lm_architectures, tiny_model
 from tolerance import assert_as_accurate_as, assert_rounding_close, float64, forward_depth
@@ -60,13 +61,21 @@ def test_decompositions_sum_to_the_residual_stream(family_cache):
     n = bridge.cfg.n_layers
     final = cache[f"blocks.{n - 1}.hook_resid_post"]
     close(cache.decompose_resid().sum(0), final, bridge)
-    close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    if bridge.cfg.num_experts is None:
+        close(cache.get_full_resid_decomposition().sum(0), final, bridge)  # heads, neurons, embeds, biases
+    else:  # a mixture of experts has no per-neuron outputs
+        with pytest.raises(ValueError, match="expand_neurons=False"):
+            cache.get_full_resid_decomposition()
     close(cache.get_full_resid_decomposition(expand_neurons=False).sum(0), final, bridge)
     if "blocks.1.hook_resid_mid" in cache:  # not in parallel attention/MLP blocks
-        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
+        close(cache.get_full_resid_decomposition(layer=1, mlp_input=True, expand_neurons=bridge.cfg.num_experts is None).sum(0), cache["blocks.1.hook_resid_mid"], bridge)
     close(cache.decompose_resid(layer=1).sum(0), cache["blocks.1.hook_resid_pre"], bridge)
     close(cache.stack_head_results(incl_remainder=True).sum(0), final, bridge)
-    close(cache.stack_neuron_results(2, incl_remainder=True, neuron_slice=(0, 9)).sum(0), cache["resid_post", 1], bridge)
+    if bridge.cfg.num_experts is None:
+        close(cache.stack_neuron_results(2, incl_remainder=True, neuron_slice=(0, 9)).sum(0), cache["resid_post", 1], bridge)
+    else:
+        with pytest.raises(ValueError, match="mixtures of experts"):
+            cache.stack_neuron_results(2, incl_remainder=True)
     accumulated = cache.accumulated_resid()
     assert accumulated.shape == (n + 1, 2, 6, bridge.cfg.d_model)
     assert torch.equal(accumulated[-1], final) and torch.equal(accumulated[0], cache["blocks.0.hook_resid_pre"])
@@ -75,12 +84,14 @@ def test_decompositions_sum_to_the_residual_stream(family_cache):
 def test_projections_equal_the_projected_stacks(family_cache):
     """project_output_onto gives the stack @ p (and, with apply_ln, the normalised stack @ p,
     through the analytic fold that never forms the per-neuron d_model vectors); a [d_model]
-    projection squeezes its dim."""
+    projection squeezes its dim. A mixture of experts: the per-MLP decompositions only."""
     bridge, cache = family_cache
     skip_unless_pre_ln(bridge)
     p = projection(bridge)
+    dense = bridge.cfg.num_experts is None
     for apply_ln in (False, True):
         for options in (dict(), dict(expand_neurons=False), dict(layer=1, pos_slice=-1), dict(layer=1, mlp_input=True)):
+            options = options if dense else dict(options, expand_neurons=False)
             if options.get("mlp_input") and "blocks.1.hook_resid_mid" not in cache:
                 continue
             full = cache.get_full_resid_decomposition(apply_ln=apply_ln, **options)
@@ -90,8 +101,12 @@ def test_projections_equal_the_projected_stacks(family_cache):
             assert one.shape == full.shape[:-1]
             close(one, (full @ p)[..., 0], bridge)
         for options in (dict(layer=1), dict(layer=-1, incl_remainder=True, neuron_slice=[4, 0, 9], pos_slice=(1, 4))):
+            if not dense:
+                break
             stack = cache.stack_neuron_results(apply_ln=apply_ln, **options)
             close(cache.stack_neuron_results(apply_ln=apply_ln, project_output_onto=p, **options), stack @ p, bridge)
+    if not dense:
+        return
     for neuron in (None, 5):  # an int neuron_slice drops the neuron dim, with or without a projection
         neurons = cache.get_neuron_results(1, neuron_slice=neuron)  # [batch, pos, (n,) d_model]
         close(cache.get_neuron_results(1, neuron_slice=neuron, project_output_onto=p), neurons @ p, bridge)
@@ -105,11 +120,17 @@ def test_stacks_into_block_zero(family_cache):
     whole stream into block 0, resid_pre (TL reads the final resid_post there)."""
     bridge, cache = family_cache
     skip_unless_pre_ln(bridge)
-    for stack in (cache.stack_head_results(0), cache.stack_neuron_results(0), cache.decompose_resid(0, incl_embeds=False)):
+    for stack in (cache.stack_head_results(0), cache.decompose_resid(0, incl_embeds=False)):
         assert stack.shape == (0, 2, 6, bridge.cfg.d_model)
-    for stack, labels in (cache.stack_head_results(0, incl_remainder=True, return_labels=True),
-                          cache.stack_neuron_results(0, incl_remainder=True, return_labels=True)):  # fmt: skip
-        assert labels == ["remainder"] and torch.equal(stack[0], cache["resid_pre", 0])
+    stack, labels = cache.stack_head_results(0, incl_remainder=True, return_labels=True)
+    assert labels == ["remainder"] and torch.equal(stack[0], cache["resid_pre", 0])
+    if bridge.cfg.num_experts is not None:  # no per-neuron stacks, not even an empty one
+        with pytest.raises(ValueError, match="mixtures of experts"):
+            cache.stack_neuron_results(0)
+        return
+    assert cache.stack_neuron_results(0).shape == (0, 2, 6, bridge.cfg.d_model)
+    stack, labels = cache.stack_neuron_results(0, incl_remainder=True, return_labels=True)
+    assert labels == ["remainder"] and torch.equal(stack[0], cache["resid_pre", 0])
     projected = cache.stack_neuron_results(0, incl_remainder=True, apply_ln=True, project_output_onto=projection(bridge))
     expected = cache.apply_ln_to_stack(cache["resid_pre", 0][None], 0) @ projection(bridge)
     close(projected, expected, bridge)
@@ -124,7 +145,9 @@ def test_apply_ln_reproduces_the_norms(family_cache):
     close(cache.apply_ln_to_stack(final)[0], cache["ln_final.hook_normalized"], bridge)
     close(cache.accumulated_resid(apply_ln=True)[-1], cache["unembed.hook_in"], bridge)
     pre = cache["blocks.1.hook_resid_pre"][None]
-    close(cache.apply_ln_to_stack(pre, layer=1)[0], cache["blocks.1.ln1.hook_normalized"], bridge)
+    attn_input_norm = layer_hook_names(bridge.cfg, 1).ln1_normalized  # None: attention reads the stream (OLMo 2)
+    expected = pre[0] if attn_input_norm is None else cache[attn_input_norm]
+    close(cache.apply_ln_to_stack(pre, layer=1)[0], expected, bridge)
     # the attributions of all components add up to the normalised stream's logit direction
     components = cache.decompose_resid()
     token = 3

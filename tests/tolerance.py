@@ -186,8 +186,12 @@ def assert_within_gap(measured: float, gap: float, *, floor: float, factor: floa
 
 
 def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same model in float64 (a deep copy: the float32 original is left alone)."""
-    return copy.deepcopy(model).double()
+    """The same model in float64 (a deep copy: the float32 original is left alone). Mixture-of-
+    experts models run their experts eagerly there (HF's default grouped_mm has no float64)."""
+    model = copy.deepcopy(model).double()
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
+    return model
 
 
 def float64(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

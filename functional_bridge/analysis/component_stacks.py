@@ -6,7 +6,9 @@ Head results are hook_z @ W_O per head and neuron results hook_post[n] * W_out[n
 weights of the model's leaves when called; no second forward pass. ``project_output_onto``
 ([d_model] or [d_model, n_outs]) is contracted with W_out before the per-neuron expansion, so
 the [..., d_mlp, d_model] intermediate is never formed; with apply_ln the cached-scale norm is
-folded in analytically, as TL does.
+folded in analytically, as TL does. Output norms (Gemma 2/3, OLMo 2) are taken through with
+their cached scale (residual.py's output_norm_*), so heads and neurons still sum to the stream;
+per-neuron results of a mixture of experts are refused.
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ from torch import Tensor
 
 from .circuits import head_weight
 from .residual import (
-    accumulated_bias, apply_ln_to_stack, cached_ln_scale, decompose_resid, empty_stack, final_layer, labelled,
-    require_pre_ln,
+    apply_ln_to_stack, cached_ln_scale, decompose_resid, empty_stack, final_layer, labelled, output_norm_scale,
+    output_norm_weight, require_pre_ln, stream_bias, through_output_norm,
 )  # fmt: skip
 from .slicing import selected_indices, take, unwrapped
 
 
 def head_results(cache, layer: int, tl: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Each head's output in block ``layer``, from hook_z and the current W_O:
-    [*batch, pos, head, d_model]. Summed over heads plus b_O it is hook_attn_out."""
+    """Each head's output in block ``layer``, from hook_z and the current W_O (through the
+    attention's output norm, if any): [*batch, pos, head, d_model]. Summed over heads plus b_O
+    (normed likewise, plus the norm's bias) it is hook_attn_out."""
     tl = cache.tl_weights() if tl is None else tl
     z = cache["z", layer, "attn"]  # [*batch, pos, head, d_head]
     W_O = head_weight(tl, cache.cfg, layer, "W_O")  # [head, d_head, d_model]
     dtype = torch.promote_types(z.dtype, W_O.dtype)
-    return torch.einsum("...hd,hdm->...hm", z.to(dtype), W_O.to(device=z.device, dtype=dtype))
+    out = torch.einsum("...hd,hdm->...hm", z.to(dtype), W_O.to(device=z.device, dtype=dtype))
+    return through_output_norm(cache, tl, layer, "attn", out)
 
 
 def _result_name(layer: int) -> str:
@@ -85,16 +89,42 @@ def get_neuron_results(cache, layer: int, neuron_slice=None, pos_slice=None, pro
     """Each neuron's output in block ``layer``: hook_post[n] * W_out[n], [*batch_and_pos,
     n_neurons, d_model]; with project_output_onto [d_model] (or [d_model, n_outs]) the output
     is projected first: [*batch_and_pos, n_neurons] (or [..., n_neurons, n_outs]). An int
-    neuron_slice drops the n_neurons dim."""
+    neuron_slice drops the n_neurons dim. Through the MLP's output norm, if any (its cached
+    scale divides the activations, its linear part acts on W_out)."""
+    _require_dense_mlp(cache)
     tl = cache.tl_weights() if tl is None else tl
-    acts = take(cache["post", layer, "mlp"], pos_slice, -2)  # [*batch_and_pos, d_mlp]
-    acts = take(acts, neuron_slice, -1)
-    W_out = take(tl[f"blocks.{layer}.mlp.W_out"], neuron_slice, 0)  # [n_neurons, d_model]
+    acts = _normed_acts(cache, layer, pos_slice, neuron_slice)  # [*batch_and_pos, n_neurons]
+    W_out = _normed_W_out(cache, tl, layer, neuron_slice)  # [n_neurons, d_model]
     if project_output_onto is None:
         return acts[..., None] * W_out
     projected = W_out @ project_output_onto  # [n_neurons(, n_outs)]; no n_neurons for an int slice
     # by the projection's dims (TL tests the product's, which breaks for an int neuron_slice)
     return acts * projected if project_output_onto.ndim == 1 else acts[..., None] * projected
+
+
+def _require_dense_mlp(cache) -> None:
+    """Refuse per-neuron results for a mixture of experts: its neurons belong to experts the
+    router weights per token."""
+    if cache.cfg.num_experts is not None:
+        raise ValueError(
+            f"{cache.cfg.original_architecture}'s MLPs are mixtures of experts: per-neuron results are not supported "
+            "(decompose with expand_neurons=False)"
+        )
+
+
+def _normed_acts(cache, layer: int, pos_slice, neuron_slice) -> Tensor:
+    """hook_post of block ``layer``, pos- then neuron-sliced, divided by the MLP output norm's
+    cached scale where there is one: [*batch_and_pos, n_neurons]."""
+    acts = take(cache["post", layer, "mlp"], pos_slice, -2)  # [*batch_and_pos, d_mlp]
+    scale = output_norm_scale(cache, layer, "mlp", pos_slice)  # [*batch_and_pos, 1]
+    if scale is not None:  # before the neuron slice, which an int drops
+        acts = acts / scale
+    return take(acts, neuron_slice, -1)
+
+
+def _normed_W_out(cache, tl, layer: int, neuron_slice) -> Tensor:
+    """W_out's rows (neuron-sliced) through the MLP output norm's linear part: [n, d_model]."""
+    return output_norm_weight(cache, tl, layer, "mlp", take(tl[f"blocks.{layer}.mlp.W_out"], neuron_slice, 0))
 
 
 def stack_neuron_results(
@@ -114,6 +144,7 @@ def _neuron_stack(cache, layer, pos_slice, neuron_slice, incl_remainder, apply_l
     """stack_neuron_results, normalised (apply_ln) for the input of block ``layer``'s ln1, or its
     ln2 with mlp_input (what get_full_resid_decomposition needs: TL's folded path always uses
     ln1 there, unlike its other rows)."""
+    _require_dense_mlp(cache)
     neuron_slice = unwrapped(neuron_slice)
     if isinstance(neuron_slice, int):
         neuron_slice = [neuron_slice]
@@ -143,17 +174,18 @@ def _projection_2d(project: Tensor | None) -> tuple[Tensor | None, bool]:
 
 def _neuron_stack_ln_projected(cache, tl, layer: int, pos_slice, neuron_slice, project: Tensor, mlp_input: bool) -> Tensor:
     """LN_s(a_n W_out[n]) @ p = (a_n / s) (W_out[n] @ p - mean(W_out[n]) sum(p)) per neuron, with
-    s the cached scale into ``layer`` (RMSNorm drops the mean term): [layer * n, ..., n_outs]."""
-    scale = cached_ln_scale(cache, layer, mlp_input, pos_slice)  # [*batch_and_pos, 1]
-    centred = cache.cfg.normalization_type == "LN"
+    s the cached scale into ``layer`` (RMSNorm drops the mean term; no norm there: a_n W_out[n]
+    @ p), W_out and a_n taken through an MLP output norm first: [layer * n, ..., n_outs]."""
+    scale = cached_ln_scale(cache, layer, mlp_input, pos_slice)  # [*batch_and_pos, 1] or None
+    centred = scale is not None and cache.cfg.normalization_type == "LN"
     per_layer = []
     for l in range(layer):
-        W_out = take(tl[f"blocks.{l}.mlp.W_out"], neuron_slice, 0)  # [n, d_model]
+        W_out = _normed_W_out(cache, tl, l, neuron_slice)  # [n, d_model]
         linear = W_out @ project  # [n, n_outs]
         if centred:
             linear = linear - W_out.mean(-1)[:, None] * project.sum(0)[None, :]
-        acts = take(take(cache["post", l, "mlp"], pos_slice, -2), neuron_slice, -1)  # [..., n]
-        per_layer.append((acts / scale)[..., None] * linear)
+        acts = _normed_acts(cache, l, pos_slice, neuron_slice)  # [..., n]
+        per_layer.append((acts if scale is None else acts / scale)[..., None] * linear)
     return torch.cat(per_layer, dim=-2).movedim(-2, 0)
 
 
@@ -220,7 +252,7 @@ def get_full_resid_decomposition(
         if present:
             components.append(finish(take(cache[name], pos_slice, -2)[None]))
             labels.append(name)
-    bias = accumulated_bias(cache.tl_weights(), cache.cfg, layer, mlp_input, include_mlp_biases=expand_neurons)
+    bias = stream_bias(cache, layer, mlp_input, expand_neurons, pos_slice)  # [d_model] or [*batch_and_pos, d_model]
     if folded:  # expanded to every position first, so the norm can centre it
         bias = finish(bias.expand(1, *heads.shape[1:-1], cache.cfg.d_model))
     else:

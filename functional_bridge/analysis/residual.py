@@ -6,6 +6,13 @@ call time); ActivationCache exposes them as methods. Options, labels, shapes, va
 order of operations are TL's. A stack is [component, *batch_and_pos, d_model]; ``layer`` counts
 the blocks whose outputs are included (None or -1: all, i.e. the input to the unembedding).
 The per-head and per-neuron stacks are in component_stacks.py.
+
+Where a norm sits on the attention or MLP output (Gemma 2/3's ln1_post/ln2_post, OLMo 2's),
+a component's contribution is taken through it with the norm's scale frozen at its cached value
+(the norm is linear once its scale is fixed: output_norm_weight, output_norm_scale), so the
+components still sum to the residual stream; TransformerLens 3.9 leaves those norms out, and its
+per-head results do not sum there. Norms on the residual sums (post-LN) rescale every earlier
+component at every block: per-head, per-neuron and bias decompositions are refused there.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torch import Tensor
 
 from ..architectures import require_causal_lm
 from ..config import BridgeConfig
+from ..hooks import layer_hook_names
 from .names import act_name
 from .slicing import take
 
@@ -25,6 +33,56 @@ def require_pre_ln(cache, what: str) -> None:
     """Decompositions read the residual stream as a sum of the embeddings and the blocks' outputs,
     normalised only where a block reads it: true of pre-LN causal LMs, not of BERT's post-LN stream."""
     require_causal_lm(cache.cfg, what, "its LayerNorms rewrite the residual stream after every sublayer, so it is no sum of components")
+
+
+def _centred(cfg: BridgeConfig) -> bool:
+    """Whether the family's norms centre (LayerNorm) before scaling; RMSNorm does not."""
+    return cfg.normalization_type == "LN"
+
+
+def output_norm(cache, layer: int, sublayer: str) -> str | None:
+    """The TL name prefix ("blocks.0.ln1_post.") of the norm on block ``layer``'s attention
+    ("attn") or MLP ("mlp") output, or None. Refuses norms on the residual sums."""
+    cfg = cache.cfg
+    if cfg.norm_placement == "post_residual":
+        raise ValueError(
+            f"{cfg.original_architecture}'s norms apply to the residual sums (post-LN): the stream is not a sum of "
+            "per-head, per-neuron or bias components; use the cached activations"
+        )
+    names = layer_hook_names(cfg, layer)
+    scale_name = names.ln1_post_scale if sublayer == "attn" else names.ln2_post_scale
+    return None if scale_name is None else scale_name[: -len("hook_scale")]
+
+
+def output_norm_weight(cache, tl: Mapping[str, Tensor], layer: int, sublayer: str, x: Tensor) -> Tensor:
+    """x [..., d_model] (rows before block ``layer``'s attention or MLP output norm) centred
+    (LayerNorm) and times the norm's weight: the norm's linear part, without its scale or bias.
+    x itself where the sublayer has no output norm."""
+    prefix = output_norm(cache, layer, sublayer)
+    if prefix is None:
+        return x
+    if _centred(cache.cfg):
+        x = x - x.mean(-1, keepdim=True)
+    weight = tl.get(prefix + "w")
+    return x if weight is None else x * weight.to(x.dtype)
+
+
+def output_norm_scale(cache, layer: int, sublayer: str, pos_slice=None) -> Tensor | None:
+    """The cached hook_scale of block ``layer``'s attention or MLP output norm, pos-sliced:
+    [*batch, pos, 1]; None where there is no such norm."""
+    prefix = output_norm(cache, layer, sublayer)
+    return None if prefix is None else take(cache[prefix + "hook_scale"], pos_slice, -2)
+
+
+def through_output_norm(cache, tl: Mapping[str, Tensor], layer: int, sublayer: str, x: Tensor, pos_slice=None, component_dim: bool = True) -> Tensor:
+    """x: contributions to block ``layer``'s attention or MLP output before its output norm,
+    [*batch_and_pos, (component,) d_model] -> their contributions after it, the norm's scale
+    frozen at its cached value (its bias is not included). x itself without an output norm."""
+    scale = output_norm_scale(cache, layer, sublayer, pos_slice)
+    if scale is None:
+        return x
+    x = output_norm_weight(cache, tl, layer, sublayer, x)
+    return x / (scale[..., None] if component_dim else scale)
 
 
 def final_layer(cache, layer: int | None) -> int:
@@ -107,14 +165,19 @@ def decompose_resid(
     return labelled(components, labels, return_labels)
 
 
-def cached_ln_scale(cache, layer: int, mlp_input: bool, pos_slice=None, batch_slice=None) -> Tensor:
+def cached_ln_scale(cache, layer: int, mlp_input: bool, pos_slice=None, batch_slice=None) -> Tensor | None:
     """The hook_scale of the norm that reads the stream into ``layer`` (ln1, ln2 with mlp_input,
     ln_final at n_layers), pos-sliced, and batch-sliced when the cache has a batch dim:
-    [*batch, pos, 1]."""
-    if layer == cache.cfg.n_layers:
-        name = "ln_final.hook_scale"
-    else:
-        name = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+    [*batch, pos, 1]. None where nothing normalises that input (OLMo 2's blocks, a model
+    without a final norm): the block reads the stream itself."""
+    cfg = cache.cfg
+    if layer == cfg.n_layers:
+        name = "ln_final.hook_scale" if cfg.final_norm else None
+    else:  # the norm on block ``layer``'s attention (or MLP) input
+        names = layer_hook_names(cfg, layer)
+        name = names.ln2_scale if mlp_input else names.ln1_scale
+    if name is None:
+        return None
     if name not in cache:
         raise KeyError(f"apply_ln needs the cached LayerNorm scale {name!r}; run_with_cache without filtering it out")
     scale = take(cache[name], pos_slice, -2)
@@ -138,18 +201,24 @@ def apply_ln_to_stack(
         residual_stack = take(residual_stack, batch_slice, 1)
     if recompute_ln and layer == cfg.n_layers:
         return ln_final(cache.tl_weights(), cfg, residual_stack)
-    if cfg.normalization_type == "LN":
+    scale = cached_ln_scale(cache, layer, mlp_input, pos_slice, batch_slice)
+    if scale is None:  # nothing normalises that input: the stack as it reaches it
+        return residual_stack
+    if _centred(cfg):
         residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
-    return residual_stack / cached_ln_scale(cache, layer, mlp_input, pos_slice, batch_slice)
+    return residual_stack / scale
 
 
 def ln_final(tl: Mapping[str, Tensor], cfg: BridgeConfig, x: Tensor) -> Tensor:
     """ln_final applied to each row of x with its own statistics and the norm's weights, in
-    HookedTransformer's order of operations (16-bit inputs normalised in float32, as TL does)."""
+    HookedTransformer's order of operations (16-bit inputs normalised in float32, as TL does);
+    x itself for a model without a final norm."""
+    if not cfg.final_norm:
+        return x
     dtype = x.dtype
     if dtype not in (torch.float32, torch.float64):
         x = x.float()
-    if cfg.normalization_type == "LN":
+    if _centred(cfg):
         x = x - x.mean(-1, keepdim=True)
     x = (x / (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(dtype)
     x = x * tl["ln_final.w"]
@@ -176,6 +245,38 @@ def accumulated_bias(
     for name in names:
         if name in tl:
             total = total + tl[name]
+    return total
+
+
+def stream_bias(cache, layer: int, mlp_input: bool, include_mlp_biases: bool, pos_slice=None) -> Tensor:
+    """accumulated_bias as it reaches the stream: [d_model], or [*batch_and_pos, d_model] where
+    output norms scale the biases per position (their own biases included)."""
+    tl, cfg = cache.tl_weights(), cache.cfg
+    if cfg.norm_placement not in ("pre_post", "output"):
+        if cfg.norm_placement == "post_residual":
+            output_norm(cache, 0, "attn")  # refuses
+        return accumulated_bias(tl, cfg, layer, mlp_input, include_mlp_biases)
+    if mlp_input and layer >= cfg.n_layers:
+        raise ValueError(f"mlp_input: there is no MLP after the final block (layer={layer})")
+    parts = []
+    for l in range(layer):
+        parts.append((l, "attn", f"blocks.{l}.attn.b_O"))
+        if include_mlp_biases:
+            parts.append((l, "mlp", f"blocks.{l}.mlp.b_out"))
+    if mlp_input:
+        parts.append((layer, "attn", f"blocks.{layer}.attn.b_O"))
+    W_E = tl["embed.W_E"]
+    total = W_E.new_zeros(cfg.d_model, dtype=torch.promote_types(W_E.dtype, torch.float32))
+    for l, sublayer, name in parts:
+        bias = tl[name].to(total.dtype) if name in tl else None
+        prefix = output_norm(cache, l, sublayer)
+        if prefix is None:  # no norm on this output: its bias as it is
+            total = total if bias is None else total + bias
+            continue
+        if bias is not None:
+            total = total + through_output_norm(cache, tl, l, sublayer, bias, pos_slice, component_dim=False)
+        if prefix + "b" in tl:
+            total = total + tl[prefix + "b"].to(total.dtype)
     return total
 
 

@@ -85,7 +85,9 @@ class SVDInterpreter:
         if vector_type == "w_out":
             return tl[f"blocks.{layer}.mlp.W_out"]  # [d_mlp, d_model]
         w_in = tl[f"blocks.{layer}.mlp.W_in"].T  # [d_mlp, d_model]
-        ln2 = tl.get(f"blocks.{layer}.ln2.w")  # [d_model]; absent once LayerNorm is folded
+        # [d_model]; absent once LayerNorm is folded, and not on the MLP's input where TL's ln2 is
+        # an output norm (OLMo 2) or a norm of the residual sum (post-LN)
+        ln2 = tl.get(f"blocks.{layer}.ln2.w") if self.cfg.norm_placement in ("pre", "pre_post") else None
         return w_in if ln2 is None else w_in * ln2
 
     def _check(self, vector_type, layer, head, num_vectors) -> None:
@@ -93,6 +95,8 @@ class SVDInterpreter:
             raise ValueError(f"vector_type must be one of {list(VECTOR_TYPES)}, got {vector_type!r}")
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer_index must be in [0, {self.cfg.n_layers - 1}], got {layer}")
+        if vector_type not in HEAD_VECTOR_TYPES and self.cfg.num_experts is not None:
+            raise ValueError(f"{vector_type} is per MLP: {self.cfg.original_architecture}'s MLPs are mixtures of experts")
         if vector_type in HEAD_VECTOR_TYPES:
             if head is None or not 0 <= head < self.cfg.n_heads:
                 raise ValueError(f"{vector_type} needs head_index in [0, {self.cfg.n_heads - 1}], got {head}")

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
 from ..components.mlp import MLPWeights
+from ..components.moe import MoEWeights
 from ..components.norms import Norm
 from ..config import BridgeConfig
 
@@ -35,20 +36,32 @@ GLOBAL_TL_KEYS = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_U": "unembe
 
 
 class EmbedWeights(NamedTuple):
-    W_E: Tensor  # [d_vocab, d_model]
-    W_pos: Tensor | None  # [n_ctx, d_model] learned positions, or None (rotary)
+    W_E: Tensor  # [d_vocab, d_embed] (d_embed is d_model unless project_in maps it there)
+    W_pos: Tensor | None  # [n_ctx, d_model] learned positions, or None (rotary, ALiBi)
+    scale: float | None = None  # token embeddings times this, in their dtype (Gemma: sqrt(d_model))
+    ln: Norm | None = None  # a norm on the token embedding (BLOOM)
+    project_in: Affine | None = None  # d_embed -> d_model, before positions are added (OPT)
 
 
 class LayerWeights(NamedTuple):
-    ln1: Norm
+    """One block's weights. Each norm present applies at its place: ln1/ln2 on the sublayer
+    inputs, ln1_post/ln2_post on their outputs, ln1_resid/ln2_resid on the residual sums
+    (post-LN). The hook names for them come from cfg.norm_placement."""
+
+    ln1: Norm | None  # None: attention reads resid_pre itself (post-norm blocks)
     attn: AttentionWeights
-    ln2: Norm | None  # None: the MLP reads ln1's output (GPT-J's parallel block)
-    mlp: MLPWeights
+    ln2: Norm | None  # None: the MLP reads ln1's output (parallel blocks) or resid_mid itself
+    mlp: MLPWeights | MoEWeights
+    ln1_post: Norm | None = None
+    ln2_post: Norm | None = None
+    ln1_resid: Norm | None = None
+    ln2_resid: Norm | None = None
 
 
 class UnembedWeights(NamedTuple):
-    ln_final: Norm
-    unembed: Affine  # d_model -> d_vocab_out
+    ln_final: Norm | None  # None: no final norm (cfg.final_norm False)
+    unembed: Affine  # d_unembed -> d_vocab_out
+    project_out: Affine | None = None  # d_model -> d_unembed, after the final norm (OPT)
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,11 @@ class Family:
     token_embed_hook: str = "hook_embed"
     # Why TransformerLens's weight processing does not apply (None: it does).
     no_processing: str | None = None
+    # TL keys that are arithmetic on a leaf rather than a view of it, as TL's converter computes
+    # them (Gemma: embed.W_E = W_E * sqrt(d_model), norm weights w + 1). Through these a round
+    # trip (TL -> HF -> TL, or HF -> TL -> HF) is exact only to the rounding of that arithmetic:
+    # within 2 eps (|value| + 1) in the leaves' dtype.
+    tl_rounded_keys: Callable[[BridgeConfig], frozenset[str]] = lambda cfg: frozenset()
 
 
 def new_leaves(from_tl: Mapping[str, Tensor], cfg: BridgeConfig, shapes: Shapes, extra_shapes: Shapes, extras: Collection[str]) -> dict[str, Tensor]:

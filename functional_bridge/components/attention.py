@@ -47,6 +47,7 @@ class AttentionMask(NamedTuple):
     in_transform: bool = False  # the forward's inputs are vmapped: use the explicit path
     causal: Tensor | None = None  # [query_pos, key_pos] bool: causal (and window) alone; all True if bidirectional
     keys: Tensor | None = None  # [batch, 1, 1, key_pos] bool: real tokens; None without padding
+    bias: Tensor | None = None  # [batch or 1, head, query_pos, key_pos] float32 added to the scores (ALiBi)
 
 
 def build_attention_mask(
@@ -116,10 +117,13 @@ def attend(
     attn_scale: float,
     hooks: HookSet,
     names: LayerHookNames,
+    soft_cap: float | None = None,
 ) -> Tensor:
-    """q: [batch, q_pos, n_heads, d_head], k, v: [batch, k_pos, n_kv_heads, d_head] -> z like q."""
-    if _needs_explicit(q, k, v, mask, hooks, names):
-        z = _explicit_attention(q, k, v, mask, attn_scale, hooks, names)
+    """q: [batch, q_pos, n_heads, d_head], k, v: [batch, k_pos, n_kv_heads, d_head] -> z like q.
+    soft_cap: scores (after the scale, before the mask and any bias) -> cap * tanh(scores / cap),
+    which SDPA cannot do: the explicit path runs (as HF runs Gemma 2 eagerly)."""
+    if soft_cap is not None or _needs_explicit(q, k, v, mask, hooks, names):
+        z = _explicit_attention(q, k, v, mask, attn_scale, hooks, names, soft_cap)
     else:
         z = _sdpa_attention(q, k, v, mask, attn_scale)
     return hooks(names.z, z)
@@ -142,10 +146,12 @@ def _needs_explicit(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, hooks:
 def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
     gqa = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
-    if mask.is_plain_causal:
+    if mask.is_plain_causal and mask.bias is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1.0 / attn_scale, **gqa)
         return (out + _nan_probe(qt, kt, vt, None)).transpose(1, 2)
     allowed = mask.allowed if mask.has_key is None else mask.allowed | ~mask.has_key
+    if mask.bias is not None:  # a float mask: the bias where allowed, -inf elsewhere
+        allowed = mask.bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=1.0 / attn_scale, **gqa)
     out = out + _nan_probe(qt, kt, vt, mask.keys)
     if mask.has_key is not None:  # rows with no key: z = 0, as the explicit path gives
@@ -168,18 +174,27 @@ def _nan_probe(qt: Tensor, kt: Tensor, vt: Tensor, keys: Tensor | None) -> Tenso
     return ((qt.sum(-1, keepdim=True, dtype=f32) + per_head) * 0).to(qt.dtype)
 
 
-def _explicit_attention(q, k, v, mask: AttentionMask, attn_scale, hooks: HookSet, names: LayerHookNames):
+def _explicit_attention(
+    q, k, v, mask: AttentionMask, attn_scale, hooks: HookSet, names: LayerHookNames, soft_cap: float | None = None
+):
     """Scores, pattern and z as HookedTransformer computes them, with the scale and the causal
-    mask folded into one baddbmm. Grouped-query heads share their key/value head without copies:
-    the `group` query heads of one key/value head are stacked along the query positions."""
+    mask folded into one baddbmm (when no soft cap must come between them). Grouped-query heads
+    share their key/value head without copies: the `group` query heads of one key/value head are
+    stacked along the query positions."""
     batch, q_len, n_heads, d_head = q.shape
     n_kv, k_len = k.shape[-2], k.shape[1]
     group = n_heads // n_kv
     q3 = upcast(q).transpose(1, 2).reshape(batch * n_kv, group * q_len, d_head)  # [batch*kv, group*q_pos, d_head]
     k3 = upcast(k).permute(0, 2, 3, 1).reshape(batch * n_kv, d_head, k_len)  # [batch*kv, d_head, k_pos]
-    causal = torch.zeros(mask.causal.shape, dtype=q3.dtype, device=q3.device).masked_fill(~mask.causal, float("-inf"))
-    scores = torch.baddbmm(causal.repeat(group, 1), q3, k3, alpha=1.0 / attn_scale)
-    scores = scores.view(batch, n_heads, q_len, k_len)  # [batch, head, q_pos, k_pos]
+    if soft_cap is None:
+        causal = torch.zeros(mask.causal.shape, dtype=q3.dtype, device=q3.device).masked_fill(~mask.causal, float("-inf"))
+        scores = torch.baddbmm(causal.repeat(group, 1), q3, k3, alpha=1.0 / attn_scale)
+        scores = scores.view(batch, n_heads, q_len, k_len)  # [batch, head, q_pos, k_pos]
+    else:  # HF's order: scale, cap, then the mask
+        scores = (torch.bmm(q3, k3) * (1.0 / attn_scale)).view(batch, n_heads, q_len, k_len)
+        scores = ((scores / soft_cap).tanh() * soft_cap).masked_fill(~mask.causal, float("-inf"))
+    if mask.bias is not None:
+        scores = scores + mask.bias
     if mask.keys is not None:
         scores = scores.masked_fill(~mask.keys, float("-inf"))
     scores = hooks(names.attn_scores, scores)

@@ -42,13 +42,17 @@ def head_inputs(resid: Tensor, ln1: Norm, eps: float, n_heads: int, n_kv_heads: 
     if hooks.wants(names.attn_in):
         attn_in = hooks(names.attn_in, _repeat_heads(resid, n_heads))
         if not split:
-            x = apply_norm(attn_in, ln1, eps, hooks, names.ln1_scale, names.ln1_normalized)
+            x = _ln1(attn_in, ln1, eps, hooks, names)
             return HeadInputs(x, x, x)
     q_in = hooks(names.q_input, _repeat_heads(resid, n_heads))
     k_in = hooks(names.k_input, _repeat_heads(resid, n_kv_heads))
     v_in = hooks(names.v_input, _repeat_heads(resid, n_kv_heads))
-    normed = [apply_norm(x, ln1, eps, hooks, names.ln1_scale, names.ln1_normalized) for x in (q_in, k_in, v_in)]
-    return HeadInputs(*normed)
+    return HeadInputs(*(_ln1(x, ln1, eps, hooks, names) for x in (q_in, k_in, v_in)))
+
+
+def _ln1(x: Tensor, ln1: Norm | None, eps: float, hooks: HookSet, names: LayerHookNames) -> Tensor:
+    """The attention's input norm, or x where the block has none there (OLMo 2 norms outputs)."""
+    return x if ln1 is None else apply_norm(x, ln1, eps, hooks, names.ln1_scale, names.ln1_normalized)
 
 
 def _repeat_heads(resid: Tensor, n: int) -> Tensor:

@@ -35,9 +35,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class MLPWeights(NamedTuple):
-    w_in: Affine  # d_model -> d_mlp (the "up"/linear branch of a gated MLP)
+    w_in: Affine | None  # d_model -> d_mlp (the "up"/linear branch of a gated MLP)
     w_gate: Affine | None  # d_model -> d_mlp, through the activation; None for a plain MLP
     w_out: Affine  # d_mlp -> d_model
+    gate_up: Affine | None = None  # fused d_model -> [gate | up] (Phi-3), instead of w_gate and w_in
 
 
 def mlp(x: Tensor, weights: MLPWeights, act_fn: str, hooks: HookSet, names: LayerHookNames) -> Tensor:
@@ -45,7 +46,10 @@ def mlp(x: Tensor, weights: MLPWeights, act_fn: str, hooks: HookSet, names: Laye
     MLP's hook_pre is x @ W_in + b_in; a gated MLP's hook_pre is the gate pre-activation and
     hook_pre_linear the linear branch."""
     act = ACTIVATIONS[act_fn]
-    if weights.w_gate is None:
+    if weights.gate_up is not None:
+        gate, up = affine(x, weights.gate_up).chunk(2, dim=-1)  # [batch, pos, d_mlp] each
+        post = hooks(names.mlp_post, act(hooks(names.mlp_pre, gate)) * hooks(names.mlp_pre_linear, up))
+    elif weights.w_gate is None:
         pre = hooks(names.mlp_pre, affine(x, weights.w_in))  # [batch, pos, d_mlp]
         post = hooks(names.mlp_post, act(pre))
     else:

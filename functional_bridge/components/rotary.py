@@ -24,10 +24,16 @@ class Rotary(NamedTuple):
     adjacent_pairs: bool
 
 
-def inverse_frequencies(cfg: BridgeConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """[rotary_dim // 2] angular frequencies, with HF's "linear" or "llama3" scaling."""
+def inverse_frequencies(
+    cfg: BridgeConfig, device: torch.device, dtype: torch.dtype = torch.float32, local: bool = False
+) -> Tensor:
+    """[rotary_dim // 2] angular frequencies, with HF's "linear" or "llama3" scaling; local: those
+    of the windowed layers of a model with a local base (Gemma 3), which are never scaled."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim))
+    base = cfg.rotary_base_local if local else cfg.rotary_base
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim))
+    if local:
+        return inv_freq
     if cfg.use_NTK_by_parts_rope:  # HF's _compute_llama3_parameters, op for op
         factor, old_len = cfg.NTK_by_parts_factor, cfg.NTK_original_ctx_len
         low, high = cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
@@ -42,10 +48,11 @@ def inverse_frequencies(cfg: BridgeConfig, device: torch.device, dtype: torch.dt
     return inv_freq
 
 
-def rotary_tables(positions: Tensor, cfg: BridgeConfig, dtype: torch.dtype) -> Rotary:
-    """positions: [batch or 1, pos] integer ids -> cos/sin tables for every layer of one forward."""
+def rotary_tables(positions: Tensor, cfg: BridgeConfig, dtype: torch.dtype, local: bool = False) -> Rotary:
+    """positions: [batch or 1, pos] integer ids -> cos/sin tables for the layers of one forward
+    (local: for the layers that use rotary_base_local)."""
     precision = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = inverse_frequencies(cfg, positions.device, precision)
+    inv_freq = inverse_frequencies(cfg, positions.device, precision, local)
     angles = positions[..., None].to(precision) * inv_freq  # [batch or 1, pos, rotary_dim // 2]
     if cfg.rotary_adjacent_pairs:
         angles = angles.repeat_interleave(2, dim=-1)
@@ -62,10 +69,11 @@ def _rotate(x: Tensor, adjacent_pairs: bool) -> Tensor:
 
 
 def apply_rotary(x: Tensor, rotary: Rotary) -> Tensor:
-    """x: [batch, pos, head, d_head] -> the same, first rotary_dim dims of each head rotated."""
+    """x: [batch, pos, head, d_head] -> the same, first rotary_dim dims of each head rotated (in
+    the tables' dtype when it is wider, e.g. float32 tables for OLMo, then cast back)."""
     rotary_dim = rotary.cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        return x * rotary.cos + _rotate(x, rotary.adjacent_pairs) * rotary.sin
+        return (x * rotary.cos + _rotate(x, rotary.adjacent_pairs) * rotary.sin).to(x.dtype)
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     rotated = x_rot * rotary.cos + _rotate(x_rot, rotary.adjacent_pairs) * rotary.sin
-    return torch.cat((rotated, x_pass), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)

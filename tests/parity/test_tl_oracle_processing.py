@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import functional_bridge as fb
-from helpers import assert_caches_equal, hooked_float64, make_gpt2, max_diff, padding_mask, random_tokens
+from helpers import assert_caches_equal, hooked_float64, make_gpt2, max_diff, padding_mask, random_tokens, routed_rows
 from tolerance import assert_as_accurate_as
 from test_tl_oracle_gpt2 import tl_config, tl_conversion
 from tiny_models import causal_lm_architectures, tiny_model
@@ -34,15 +34,32 @@ CONVERSIONS = {
     "Qwen3ForCausalLM": "convert_qwen3_weights",
     "GPTNeoXForCausalLM": "convert_neox_weights",
     "GPTJForCausalLM": "convert_gptj_weights",
+    "GemmaForCausalLM": "convert_gemma_weights",
+    "Gemma2ForCausalLM": "convert_gemma_weights",
+    "Gemma3ForCausalLM": "convert_gemma_weights",
+    "PhiForCausalLM": "convert_phi_weights",
+    "Phi3ForCausalLM": "convert_phi3_weights",
+    "OlmoForCausalLM": "convert_olmo_weights",
+    "Olmo2ForCausalLM": "convert_olmo2_weights",
+    "MixtralForCausalLM": "convert_mixtral_weights",
 }
 
 
 def hooked_config(cfg, transformer_lens):
-    """HookedTransformerConfig from a BridgeConfig, whose fields carry TL's names."""
+    """HookedTransformerConfig from a BridgeConfig, whose fields carry TL's names where TL has
+    them; TL's switches for the rest: local attention, Gemma 2/3's pre-and-post norms."""
     known = {field.name for field in dataclasses.fields(transformer_lens.HookedTransformerConfig)}
     fields = {k: v for k, v in cfg.to_dict().items() if k in known and v is not None}
-    fields.pop("attn_scale", None)  # TL derives it from d_head
+    if cfg.attn_scale == cfg.d_head**0.5 or cfg.attn_scale == 1.0:
+        fields.pop("attn_scale", None)  # TL derives it from d_head
     fields.pop("d_vocab_out", None)
+    if cfg.window_size is not None:
+        fields.update(use_local_attn=True, attn_types=list(cfg.attn_types or ["local"] * cfg.n_layers))
+    fields["use_normalization_before_and_after"] = cfg.norm_placement == "pre_post"
+    if cfg.num_experts is not None:  # Mixtral renormalises its top-k routing weights
+        fields["norm_topk_prob"] = True
+    if cfg.qk_norm_over_heads:  # TL builds OLMo 2's all-heads q/k norms from the architecture name
+        fields["use_qk_norm"] = False
     return transformer_lens.HookedTransformerConfig(**fields, use_attn_scale=cfg.attn_scale != 1.0)
 
 
@@ -53,6 +70,11 @@ def processed_hooked_transformer(hf, transformer_lens, **options):
     if cfg.original_architecture not in CONVERSIONS:
         pytest.fail(f"add TL's conversion for {cfg.original_architecture} to CONVERSIONS")
     convert = getattr(weight_conversions, CONVERSIONS[cfg.original_architecture])
+    # the options HookedTransformer.from_pretrained turns off (load_and_process_state_dict does not)
+    if cfg.output_logits_soft_cap is not None:
+        options["center_unembed"] = False
+    if cfg.norm_placement in ("output", "post_residual"):
+        options.update(fold_ln=False, center_writing_weights=False)
     model = transformer_lens.HookedTransformer(hooked_config(cfg, transformer_lens))
     model.load_and_process_state_dict(dict(convert(hf, model.cfg)), **options)  # TL pops keys
     return model.eval()
@@ -109,8 +131,9 @@ def test_processed_model_equals_hooked_transformers(transformer_lens, arch, comb
     assert_weights_equal(fb.tl_weights(processed.params, processed.cfg), model.state_dict(), model)
     tokens = random_tokens(3, 12, bridge.cfg.d_vocab)
     mask = padding_mask([12, 9, 7], "left")
-    assert_caches_equal(processed, model, tokens, None)
-    assert_caches_equal(processed, model, tokens, mask)
+    adapt = routed_rows(bridge.cfg) if bridge.cfg.num_experts else None  # TL's per-expert hooks see routed rows
+    assert_caches_equal(processed, model, tokens, None, adapt=adapt)
+    assert_caches_equal(processed, model, tokens, mask, adapt=adapt)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
