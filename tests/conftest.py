@@ -24,6 +24,19 @@ def transformer_lens():
     return transformer_lens
 
 
+@pytest.fixture(scope="session")
+def sae_lens():
+    """SAELens 6.54 (with its HookedSAETransformer over TransformerLens 3.9), the SAE oracle;
+    FB_REQUIRE_ORACLE=1 turns a missing install into a failure, as for transformer_lens."""
+    try:
+        import sae_lens
+    except ImportError:
+        if os.environ.get("FB_REQUIRE_ORACLE") == "1":
+            pytest.fail("sae-lens is not installed but FB_REQUIRE_ORACLE=1")
+        pytest.skip("sae-lens not installed (pip install -e .[oracle])")
+    return sae_lens
+
+
 # FB_CUDA_TESTS_DEVICE=cpu runs the cuda-marked tests on the CPU: a dry run of their code on a
 # machine without a GPU (they assert the same things; only the device differs).
 CUDA_TESTS_DEVICE = os.environ.get("FB_CUDA_TESTS_DEVICE", "cuda")
