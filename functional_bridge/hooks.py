@@ -35,6 +35,9 @@ OPTIONAL_HOOKS = {
     "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
     "use_attn_result": ("attn.hook_result",),
     "use_hook_mlp_in": ("hook_mlp_in",),
+    # not a HookedTransformer flag: HookedSAETransformer's extra hook point at the MLP's input (the
+    # ln2 output, after its weights), which transcoders read; on in the Bridge's SAE methods
+    "use_mlp_hook_in": ("mlp.hook_in",),
 }
 # TransformerLens hook points not provided, with what to use instead.
 _NOT_PROVIDED = {"hook_tokens": "tokens are the forward's input"}
@@ -93,6 +96,7 @@ class LayerHookNames:
     mlp_in: str
     ln2_scale: str
     ln2_normalized: str
+    mlp_hook_in: str
     mlp_pre: str
     mlp_pre_linear: str | None
     mlp_post: str
@@ -115,7 +119,7 @@ class LayerHookNames:
         return [getattr(self, name) for name in _OPTIONAL_FIELDS if getattr(self, name)]
 
 
-_OPTIONAL_FIELDS = ("attn_in", "q_input", "k_input", "v_input", "result", "mlp_in")
+_OPTIONAL_FIELDS = ("attn_in", "q_input", "k_input", "v_input", "result", "mlp_in", "mlp_hook_in")
 
 
 def _memoized(fn):
@@ -162,6 +166,7 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
         mlp_in=p + "hook_mlp_in",
         ln2_scale=p + "ln2.hook_scale",
         ln2_normalized=p + "ln2.hook_normalized",
+        mlp_hook_in=p + "mlp.hook_in",
         mlp_pre=p + "mlp.hook_pre",
         mlp_pre_linear=p + "mlp.hook_pre_linear" if cfg.gated_mlp else None,
         mlp_post=p + "mlp.hook_post",

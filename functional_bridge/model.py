@@ -279,11 +279,11 @@ def block(
         mlp_in = mlp_input(resid, hooks, names.mlp_in)
         reuse = w.ln2 is None and isinstance(x, Tensor) and mlp_in is resid and not _hooks_on_norms(hooks, names)
         x2 = x if reuse else _ln2_parallel(mlp_in, w, cfg, hooks, names)
-        mlp_out = hooks(names.mlp_out, mlp(x2, w.mlp, cfg.act_fn, hooks, names))
+        mlp_out = hooks(names.mlp_out, mlp(hooks(names.mlp_hook_in, x2), w.mlp, cfg.act_fn, hooks, names))
         return hooks(names.resid_post, resid + attn_out + mlp_out)
     resid = hooks(names.resid_mid, resid + attn_out)
     x = apply_norm(mlp_input(resid, hooks, names.mlp_in), w.ln2, cfg.eps, hooks, names.ln2_scale, names.ln2_normalized)
-    mlp_out = hooks(names.mlp_out, mlp(x, w.mlp, cfg.act_fn, hooks, names))
+    mlp_out = hooks(names.mlp_out, mlp(hooks(names.mlp_hook_in, x), w.mlp, cfg.act_fn, hooks, names))
     return hooks(names.resid_post, resid + mlp_out)
 
 
