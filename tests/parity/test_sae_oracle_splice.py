@@ -153,3 +153,42 @@ def test_unknown_hooks_are_refused(pair):
         bridge.run_with_hooks_with_saes(torch.zeros(1, 3, dtype=torch.long), saes=[make_sae("standard@resid_pre")],
                                         fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: None)])  # fmt: skip
     assert bridge.acts_to_saes == {}
+
+
+def test_transcoder_is_keyed_by_its_input_hook(pair):
+    bridge, model = pair
+    transcoder = make_sae("transcoder@mlp.hook_in")
+    bridge.add_sae(transcoder)
+    model.add_sae(fbsae.to_sae_lens(transcoder))
+    try:
+        assert list(bridge.acts_to_saes) == list(model.acts_to_saes) == ["blocks.1.mlp.hook_in"]
+    finally:
+        bridge.reset_saes()
+        model.reset_saes()
+    assert bridge.acts_to_saes == {} == model.acts_to_saes
+
+
+def test_exclude_special_tokens_from_the_tokenizer(pair, tokens):
+    """True takes the tokenizer's BOS/EOS/PAD/SEP ids (SAELens's get_special_token_ids): the same
+    run as passing those ids as a list, which test_exclude_special_tokens_list checks against
+    SAELens."""
+    from tokenizers_local import gpt2_tokenizer
+
+    bridge, _ = pair
+    tokenizer = gpt2_tokenizer()
+    special = sorted({getattr(tokenizer, a) for a in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")} - {None})
+    assert special and max(special) < 97
+    tokens = tokens.clone()
+    tokens[:, 0] = special[0]
+    sae = make_sae("standard@resid_pre")
+    previous = bridge.tokenizer
+    bridge.set_tokenizer(tokenizer)
+    try:
+        with torch.no_grad():
+            by_tokenizer = bridge.run_with_saes(tokens, saes=[sae], exclude_special_tokens=True)
+    finally:
+        bridge.tokenizer = previous
+    with torch.no_grad():
+        by_list = bridge.run_with_saes(tokens, saes=[sae], exclude_special_tokens=special)
+        plain = bridge.run_with_saes(tokens, saes=[sae])
+    assert torch.equal(by_tokenizer, by_list) and not torch.equal(by_list, plain)
