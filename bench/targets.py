@@ -62,6 +62,8 @@ SAE_CACHE_CPU = Target("<=", 0.80, "cpu-small")
 SAE_SWEEP_CPU = Target(">=", 3.0, "cpu")
 # patching sweep: loop / vmap (speed-up)
 PATCHING_GPU = Target(">=", 5.0, "cuda")
+# the TransformerLens facade's stateful-hook path / the pure layer with the same hook
+FACADE_HOOKS = Target("<=", 1.05, "cpu-small")
 # Bridge.from_hf, milliseconds
 FROM_HF_MS = Target("<", 50.0, "all")
 # parameter bytes and numel: ours - HF

@@ -129,6 +129,20 @@ def test_parameter_bytes_equal_hf_exactly(fast_run):
     assert peak > 0 and kept > memory["outputs kept: ours forward"]["value"]
 
 
+def test_facade_hook_rows_compare_the_stateful_path_with_the_pure_layer(fast_run):
+    """The facade's three paths (no hook, run_with_hooks, a registered permanent hook) return
+    exactly the pure layer's result (the same arithmetic: the facade only hands its hooks to it)
+    and each ratio is timed against it in the same rounds, with the target stated."""
+    _, data, _ = fast_run
+    overheads = data["suites"]["overheads"]["rows"]
+    facade = {row["measure"]: row for row in overheads if row["case"].startswith("facade hooks")}
+    for stateful, pure in (("facade_forward", "pure_forward"), ("facade_run_with_hooks", "pure_hooked"),
+                           ("facade_perma_hook", "pure_hooked")):  # fmt: skip
+        assert facade[f"max |{stateful} - {pure}|"]["value"] == 0, stateful
+    ratios = [row for row in facade.values() if row["unit"] == "x"]
+    assert len(ratios) == 3 and all(row["target"].startswith("<= 1.05") and row["n"] >= 1 for row in ratios)
+
+
 def test_hf_vmap_attempt_is_recorded_either_way(fast_run):
     _, data, _ = fast_run
     grads = data["suites"]["grads"]

@@ -20,7 +20,11 @@ from .. import targets
 from ..timing import Stats
 
 DESCRIPTION = __doc__
-TARGETS = [f"Bridge.from_hf ms {targets.FROM_HF_MS.text()}"]
+TARGETS = [
+    f"Bridge.from_hf ms {targets.FROM_HF_MS.text()}",
+    f"facade hooks: stateful path / pure layer {targets.FACADE_HOOKS.text()}",
+    f"facade hooks: max |stateful - pure| {targets.AGREE_TEXT}",
+]
 
 
 def run(ctx) -> None:
@@ -66,12 +70,19 @@ def _facade_hooks(ctx, hf, bridge) -> None:
         "facade_run_with_hooks": lambda: bridge.run_with_hooks(tokens, fwd_hooks=hooks),
         "facade_perma_hook": lambda: permanent(tokens),
     }
+    agree = targets.agreement(ctx.dtype)
     with torch.inference_mode():
+        out = {key: fn() for key, fn in contenders.items()}  # agreement first (also a warm-up)
+        for key, reference in (("facade_forward", "pure_forward"), ("facade_run_with_hooks", "pure_hooked"),
+                               ("facade_perma_hook", "pure_hooked")):  # fmt: skip
+            diff = (out[key].float() - out[reference].float()).abs().max().item()
+            ctx.value_row(case, f"max |{key} - {reference}|", diff, "abs", agree, shape)
         m = ctx.measure(case, contenders)
     ctx.note(f"facade hooks: one editing hook on {name} (head 0 of z set to zero), {case_name(shape)} tokens.")
-    ctx.ratio_row(case, m, "facade_forward", "pure_forward", "bridge(tokens) / fb.forward (no hooks)")
-    ctx.ratio_row(case, m, "facade_run_with_hooks", "pure_hooked", "bridge.run_with_hooks / fb.run_with_hooks")
-    ctx.ratio_row(case, m, "facade_perma_hook", "pure_hooked", "registered permanent hook / fb.run_with_hooks")
+    target = targets.FACADE_HOOKS
+    ctx.ratio_row(case, m, "facade_forward", "pure_forward", "bridge(tokens) / fb.forward (no hooks)", target, shape)
+    ctx.ratio_row(case, m, "facade_run_with_hooks", "pure_hooked", "bridge.run_with_hooks / fb.run_with_hooks", target, shape)
+    ctx.ratio_row(case, m, "facade_perma_hook", "pure_hooked", "registered permanent hook / fb.run_with_hooks", target, shape)
 
 
 def _anchor_build(ctx, hf, m) -> None:
