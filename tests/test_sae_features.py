@@ -111,3 +111,24 @@ def test_pure_api_equals_the_facade(bridge, tokens):
 def test_bad_feature_indices_are_refused(bridge, tokens):
     with pytest.raises(ValueError, match=r"feature indices must be in \[0, 96\)"):
         feature_sweep(bridge.params, tokens, bridge.cfg, sae(), torch.tensor([3, 96]), metric)
+
+
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_grad_wrt_sae_params_equals_autograd(bridge, tokens, arch):
+    """The SAE is a pytree the spliced forward is a function of: torch.func.grad over it equals
+    autograd through the facade's spliced run."""
+    from functional_bridge.func import detached
+
+    s = sae(arch)
+    params = detached(bridge.params)
+    grads = torch.func.grad(lambda p: metric(forward_with_saes(params, tokens, bridge.cfg, [fbsae.SAE(p, s.cfg)])))(s.params)
+    leaves = {name: value.clone().requires_grad_() for name, value in s.params.items()}
+    try:
+        metric(bridge.run_with_saes(tokens, saes=[fbsae.SAE(leaves, s.cfg)])).backward()
+    finally:
+        bridge.zero_grad(set_to_none=True)
+    scale = max(max_abs(g) for g in grads.values())
+    for name, leaf in leaves.items():
+        expected = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        check(max_diff(grads[name], expected), rounding_bound(scale, torch.float64, forward_depth(bridge.cfg, 7)), name)
+    assert grads["W_dec"].abs().max() > 0
