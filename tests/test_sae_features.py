@@ -67,6 +67,7 @@ def test_feature_attribution_equals_autograd(bridge, tokens):
     s = sae("jumprelu", "blocks.2.attn.hook_z", reshape_activations="hook_z")
     name = "blocks.2.attn.hook_z.hook_sae_acts_post"
     grads = activation_grads_with_saes(bridge.params, tokens, bridge.cfg, [s], metric, name)[name]
+    assert torch.equal(fb.activation_grads(bridge.params, tokens, bridge.cfg, metric, name, saes=[s])[name], grads)
     saved = {}
 
     def keep(acts, hook):
