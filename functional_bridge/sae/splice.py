@@ -21,13 +21,14 @@ inside the SAE (same numbers as recomputing it, without the second encode).
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..config import BridgeConfig
-from ..hooks import HookSet, hook_names
+from ..hooks import OPTIONAL_HOOKS, HookSet, hook_names
 from . import codec
 from .sae import SAE
 
@@ -48,23 +49,33 @@ def spliced_names(cfg: BridgeConfig, output_hooks: Sequence[str], optional: Sequ
     """Every hook name of the model with SAEs spliced at output_hooks, in execution order
     (HookedSAETransformer's hook_dict order): the model's (with blocks.L.mlp.hook_in), each output
     hook replaced by its SAE's six hook names."""
+    return list(_spliced_names(cfg, tuple(output_hooks), frozenset({*optional, SAE_FLAG})))
+
+
+@lru_cache(maxsize=256)
+def _spliced_names(cfg: BridgeConfig, output_hooks: tuple[str, ...], optional: frozenset[str]) -> tuple[str, ...]:
     spliced = set(output_hooks)
     names = []
-    for name in hook_names(cfg, tuple({*optional, SAE_FLAG})):
+    for name in hook_names(cfg, tuple(sorted(optional))):
         names.extend([f"{name}.{h}" for h in SAE_HOOKS] if name in spliced else [name])
-    return names
+    return tuple(names)
+
+
+@lru_cache(maxsize=256)
+def _valid_names(cfg: BridgeConfig, output_hooks: tuple[str, ...]) -> frozenset[str]:
+    """Every name a hook may be attached to (the optional hook points included)."""
+    names = _spliced_names(cfg, output_hooks, frozenset(OPTIONAL_HOOKS))
+    return frozenset(n for n in names if "hook_attn_in" not in n or cfg.n_kv_heads == cfg.n_heads)
 
 
 def select_spliced(cfg: BridgeConfig, output_hooks: Sequence[str], name_or_filter, optional: Sequence[str] = ()) -> list[str]:
     """select_names over the spliced model's names: a name, a list, a predicate or None (all)."""
-    names = spliced_names(cfg, output_hooks, optional)
     if name_or_filter is None:
-        return names
+        return spliced_names(cfg, output_hooks, optional)
     if callable(name_or_filter):
-        return [name for name in names if name_or_filter(name)]
+        return [name for name in spliced_names(cfg, output_hooks, optional) if name_or_filter(name)]
     requested = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
-    valid = set(spliced_names(cfg, output_hooks, ("use_attn_in", "use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")))
-    valid = {n for n in valid if "hook_attn_in" not in n or cfg.n_kv_heads == cfg.n_heads}
+    valid = _valid_names(cfg, tuple(output_hooks))
     for name in requested:
         if not isinstance(name, str):
             raise TypeError(f"hook names must be strings, got {type(name).__name__}: {name!r}")
