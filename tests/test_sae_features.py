@@ -133,3 +133,20 @@ def test_grad_wrt_sae_params_equals_autograd(bridge, tokens, arch):
         expected = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         check(max_diff(grads[name], expected), rounding_bound(scale, torch.float64, forward_depth(bridge.cfg, 7)), name)
     assert grads["W_dec"].abs().max() > 0
+
+
+def test_stream_activations_from_text_drops_padding():
+    from functional_bridge.sae.stream import stream_activations
+    from tokenizers_local import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    bridge = fb.Bridge.from_hf(make_gpt2(vocab_size=len(tokenizer), n_positions=64), tokenizer=tokenizer)
+    texts = ["When Mary and John went to the store", "Hello"]
+    (rows,) = stream_activations(bridge, [texts], "blocks.1.hook_resid_post")
+    expected = []
+    for text in texts:  # each text alone: no padding
+        _, cache = bridge.run_with_cache(text, names_filter="blocks.1.hook_resid_post")
+        expected.append(cache["blocks.1.hook_resid_post"][0])
+    expected = torch.cat(expected)
+    assert rows.shape == expected.shape
+    check(max_diff(rows, expected), rounding_bound(max_abs(expected), rows.dtype, forward_depth(bridge.cfg, 16)), "streamed rows")
