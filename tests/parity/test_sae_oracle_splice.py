@@ -192,3 +192,28 @@ def test_exclude_special_tokens_from_the_tokenizer(pair, tokens):
         by_list = bridge.run_with_saes(tokens, saes=[sae], exclude_special_tokens=special)
         plain = bridge.run_with_saes(tokens, saes=[sae])
     assert torch.equal(by_tokenizer, by_list) and not torch.equal(by_list, plain)
+
+
+def test_llama_gqa_hook_z_sae_and_mlp_hook_in_transcoder(sae_lens, transformer_lens):
+    """A gated-MLP, grouped-query family (float64): HookedSAETransformer over the same weights
+    (its HookedTransformer's state loaded into one), every cached value, error term on."""
+    import functional_bridge as fb
+    from family_helpers import make_family
+    from test_tl_oracle_families import hooked_transformer
+
+    hf = make_family("llama", "base").double()  # 6 query heads over 2 key/value heads
+    bridge = fb.Bridge.from_hf(hf)
+    plain = hooked_transformer(hf, transformer_lens)
+    model = sae_lens.HookedSAETransformer(plain.cfg)
+    model.load_state_dict(plain.state_dict())
+    model = model.double().eval()
+    c = bridge.cfg
+    sae = fbsae.SAE.random(fbsae.SAEConfig("standard", d_in=c.n_heads * c.d_head, d_sae=64, dtype="float64",
+                                           hook_name="blocks.1.attn.hook_z", reshape_activations="hook_z"), scale=3.0)  # fmt: skip
+    transcoder = fbsae.SAE.random(fbsae.SAEConfig("jumprelu_transcoder", d_in=c.d_model, d_sae=64, d_out=c.d_model,
+                                                  apply_b_dec_to_input=False, dtype="float64", hook_name="blocks.0.mlp.hook_in",
+                                                  hook_name_out="blocks.0.hook_mlp_out"), scale=3.0)  # fmt: skip
+    tokens = random_tokens(2, 8, c.d_vocab, seed=1)
+    ours, theirs = run_both((bridge, model), tokens, [sae, transcoder], use_error_term=True)
+    assert "blocks.0.mlp.hook_in" in ours and "blocks.1.attn.hook_z.hook_sae_recons" in ours
+    assert_close_maps(ours, theirs, c, tokens.shape[-1], 600)
