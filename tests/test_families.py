@@ -14,8 +14,22 @@ from family_helpers import (
 from functional_bridge.architectures import family_for
 from helpers import max_diff, padded_batch, random_tokens
 from tolerance import (
-    as_accurate_as_bound, assert_as_accurate_as, check, check_above, eps, float64, float64_copy,
+    as_accurate_as_bound, assert_as_accurate_as, check, check_above, eps, float64, float64_copy, forward_depth,
+    max_abs, rounding_bound,
 )  # fmt: skip
+
+
+def _as_accurate_or_rounding(ours, oracle, ref64, n: int, what: str) -> None:
+    """Ours as accurate as the oracle (assert_as_accurate_as's bound), or within float32 rounding
+    over the n roundings of the computation's longest chain: an oracle run alone can round
+    luckily (Gemma 3 on 2 threads: 10x closer to float64 than on 1), which no bound of ours should
+    depend on."""
+    ours = ours if isinstance(ours, dict) else {"": ours}
+    oracle = oracle if isinstance(oracle, dict) else {"": oracle}
+    ref64 = ref64 if isinstance(ref64, dict) else {"": ref64}
+    for key in ref64:
+        bound = max(as_accurate_as_bound(oracle[key], ref64[key]), rounding_bound(max_abs(ref64[key]), torch.float32, n))
+        check(max_diff(ours[key], ref64[key]), bound, f"{what} {key}".strip())
 
 FORCE_EXPLICIT = [(lambda name: name.endswith("hook_pattern"), lambda x, hook: None)]
 
@@ -63,7 +77,8 @@ def test_padded_rows_equal_each_row_alone_through_hf(family, side, path):
         assert not logits.isnan().any()
         for row in range(len(tokens)):
             alone = tokens[row][mask[row].bool()][None]
-            assert_as_accurate_as(logits[row][mask[row].bool()], hf(alone).logits[0], hf64(alone).logits[0], what=f"row {row}")
+            _as_accurate_or_rounding(logits[row][mask[row].bool()], hf(alone).logits[0], hf64(alone).logits[0],
+                                     forward_depth(bridge.cfg, 11), what=f"row {row}")
 
 
 def _bf16_errors(family, seed):
@@ -326,7 +341,8 @@ def test_vmap_grad_per_example_equals_a_loop(family):
         real = mask[row].bool()
         alone = grad(loss)(params, tokens[row][real], mask[row][real])
         alone64 = grad(loss)(float64(params), tokens[row][real], mask[row][real])
-        assert_as_accurate_as({name: value[row] for name, value in batched.items()}, alone, alone64, what=f"row {row}")
+        _as_accurate_or_rounding({name: value[row] for name, value in batched.items()}, alone, alone64,
+                                 forward_depth(cfg, 9), what=f"row {row}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,5 +1,6 @@
 """python -m functional_bridge: the main job runs and shows what it claims."""
 
+import os
 import subprocess
 import sys
 
@@ -50,6 +51,7 @@ def test_default_command_is_the_demo_and_logs_progress_without_carriage_returns(
     result = subprocess.run(
         [sys.executable, "-m", "functional_bridge", "--steps", "20", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},  # the default, whatever the caller exported
     )
     assert result.returncode == 0, result.stderr
     assert "trained 20 steps" in result.stdout and (tmp_path / "figures.json").exists()
