@@ -10,14 +10,13 @@ for the MLP (components/moe.py); its router's training-only jitter noise does no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
-from ..components.mlp import ACTIVATIONS
 from ..config import BridgeConfig
 from .decoder import Layout, decoder_family
 from .family import Family
+from .hf_fields import dimension_fields
 from .rope import rope_fields
 
 
@@ -83,35 +82,20 @@ def _config_from_hf(spec: _Spec, hf) -> BridgeConfig:
             f"{arch} with mlp_bias=True is not supported: TransformerLens's gated MLP has no gate or "
             "up-projection bias (its b_in is added after the product)"
         )
-    if hf.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{arch} hidden_act {hf.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    n_heads = hf.num_attention_heads
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
-    n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
+    dims = dimension_fields(hf, arch, keep_kv_heads=spec.tl_always_kv_heads)
     window, attn_types = spec.windows(hf)
     experts = dict(num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok) if spec.moe else {}
     return BridgeConfig(
-        original_architecture=arch,
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_heads=n_heads,
-        d_head=d_head,
-        n_key_value_heads=n_kv if spec.tl_always_kv_heads or n_kv != n_heads else None,
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        n_ctx=hf.max_position_embeddings,
-        act_fn=hf.hidden_act,
+        **dims,
         normalization_type="RMS",
         eps=hf.rms_norm_eps,
-        attn_scale=math.sqrt(d_head),
         gated_mlp=True,
         use_qk_norm=spec.qk_norm,
         qkv_bias=spec.qkv_bias(hf),
         attn_out_bias=spec.out_bias(hf),
         window_size=window,
         attn_types=attn_types,
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        **rope_fields(hf, arch, d_head, partial_rotary=False),
+        **rope_fields(hf, arch, dims["d_head"], partial_rotary=False),
         **experts,
     )
 

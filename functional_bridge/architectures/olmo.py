@@ -11,11 +11,9 @@ queries and keys in float32 (HF keeps OLMo's cos/sin tables in float32).
 
 from __future__ import annotations
 
-import math
-
-from ..components.mlp import ACTIVATIONS
 from ..config import BridgeConfig
 from .decoder import Layout, NormSlot, decoder_family
+from .hf_fields import dimension_fields
 from .rope import rope_fields
 
 OLMO_LAYOUT = Layout(norms=(NormSlot("ln1", None, "ln1"), NormSlot("ln2", None, "ln2")), norm_kind="LN")
@@ -26,26 +24,12 @@ OLMO2_LAYOUT = Layout(
 
 
 def _config_from_hf(hf, arch: str, olmo2: bool) -> BridgeConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{arch} hidden_act {hf.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    n_heads = hf.num_attention_heads
-    d_head = hf.hidden_size // n_heads
-    n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
+    dims = dimension_fields(hf, arch, d_head=hf.hidden_size // hf.num_attention_heads)
     bias = bool(getattr(hf, "attention_bias", False))
     return BridgeConfig(
-        original_architecture=arch,
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_heads=n_heads,
-        d_head=d_head,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        n_ctx=hf.max_position_embeddings,
-        act_fn=hf.hidden_act,
+        **dims,
         normalization_type="RMS" if olmo2 else "LN",
         eps=hf.rms_norm_eps if olmo2 else 1e-5,  # OlmoLayerNorm's eps is fixed
-        attn_scale=math.sqrt(d_head),
         gated_mlp=True,
         qkv_bias=bias,
         attn_out_bias=bias,
@@ -54,8 +38,7 @@ def _config_from_hf(hf, arch: str, olmo2: bool) -> BridgeConfig:
         norm_placement="output" if olmo2 else "pre",
         clip_qkv=None if olmo2 else getattr(hf, "clip_qkv", None),
         rotary_in_float32=True,  # HF's OLMo rotary keeps cos/sin in float32
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        **rope_fields(hf, arch, d_head, partial_rotary=False),
+        **rope_fields(hf, arch, dims["d_head"], partial_rotary=False),
     )
 
 

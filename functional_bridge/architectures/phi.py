@@ -10,7 +10,6 @@ TL 3.9 has no such option. With grouped-query attention TL's keys are ``_W_K``..
 
 from __future__ import annotations
 
-import math
 from typing import Collection, Mapping
 
 import einops
@@ -18,9 +17,10 @@ from torch import Tensor
 
 from ..components.attention import AttentionWeights
 from ..components.linear import Affine
-from ..components.mlp import ACTIVATIONS, MLPWeights
+from ..components.mlp import MLPWeights
 from ..config import BridgeConfig
 from .family import EmbedWeights, Family, LayerWeights, Params, Shapes, UnembedWeights, new_leaves
+from .hf_fields import dimension_fields
 from .leaves import layer_norm, linear, tied_aliases, tied_unembedding, unembedding
 from .rope import rope_fields
 
@@ -31,30 +31,15 @@ QK_NORMS = {"q_norm": "q_layernorm", "k_norm": "k_layernorm"}  # TL name -> HF m
 
 
 def config_from_hf(hf) -> BridgeConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{ARCHITECTURE} hidden_act {hf.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    n_heads = hf.num_attention_heads
-    d_head = hf.hidden_size // n_heads
+    d_head = hf.hidden_size // hf.num_attention_heads
     if getattr(hf, "head_dim", d_head) != d_head:
         raise ValueError(f"{ARCHITECTURE} with head_dim={hf.head_dim} != hidden_size // num_attention_heads is not supported")
-    n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
     return BridgeConfig(
-        original_architecture=ARCHITECTURE,
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_heads=n_heads,
-        d_head=d_head,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        n_ctx=hf.max_position_embeddings,
-        act_fn=hf.hidden_act,
+        **dimension_fields(hf, ARCHITECTURE, d_head=d_head),
         normalization_type="LN",
         eps=hf.layer_norm_eps,
-        attn_scale=math.sqrt(d_head),
         parallel_attn_mlp=True,
         use_qk_norm=bool(getattr(hf, "qk_layernorm", False)),
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **rope_fields(hf, ARCHITECTURE, d_head, partial_rotary=True),
     )
 

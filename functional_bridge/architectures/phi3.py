@@ -12,43 +12,26 @@ other rows.
 
 from __future__ import annotations
 
-import math
-
-from ..components.mlp import ACTIVATIONS
 from ..config import BridgeConfig
 from .decoder import Layout, decoder_family
+from .hf_fields import dimension_fields
 from .rope import rope_fields
 
 ARCHITECTURE = "Phi3ForCausalLM"
 
 
 def config_from_hf(hf) -> BridgeConfig:
-    if hf.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{ARCHITECTURE} hidden_act {hf.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    n_heads = hf.num_attention_heads
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
-    n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
+    dims = dimension_fields(hf, ARCHITECTURE)  # n_key_value_heads as TL's Phi-3 mapping
     window = getattr(hf, "sliding_window", None)
     return BridgeConfig(
-        original_architecture=ARCHITECTURE,
-        n_layers=hf.num_hidden_layers,
-        d_model=hf.hidden_size,
-        n_heads=n_heads,
-        d_head=d_head,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,  # as TL's Phi-3 mapping
-        d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size,
-        n_ctx=hf.max_position_embeddings,
-        act_fn=hf.hidden_act,
+        **dims,
         normalization_type="RMS",
         eps=hf.rms_norm_eps,
-        attn_scale=math.sqrt(d_head),
         gated_mlp=True,
         qkv_bias=False,
         attn_out_bias=False,
         window_size=window,
-        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        **rope_fields(hf, ARCHITECTURE, d_head, partial_rotary=True),
+        **rope_fields(hf, ARCHITECTURE, dims["d_head"], partial_rotary=True),
     )
 
 
