@@ -155,3 +155,19 @@ def test_refusals_name_the_problem():
         bridge.generate(tokens, return_type="embeds", stop_at_eos=False, verbose=False)
     with pytest.raises(NotImplementedError, match="BertForMaskedLM"):
         fb.Bridge.from_hf(tiny_model("BertForMaskedLM")).generate(tokens, stop_at_eos=False, verbose=False)
+
+
+@pytest.mark.parametrize("options", [dict(top_p=0.8), dict(top_k=7), dict(freq_penalty=0.5), dict(top_p=0.5, freq_penalty=1.0)],
+                         ids=["top_p", "top_k", "freq_penalty", "top_p+freq_penalty"])  # fmt: skip
+def test_sample_logits_draws_what_transformer_lens_draws(transformer_lens, options):
+    """TL 3.9's sample_logits on the global generator vs ours on a generator with the same seed."""
+    from transformer_lens.utilities.logits_utils import sample_logits as tl_sample_logits
+
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(20):
+        logits = 3 * torch.randn(4, 97, generator=gen)
+        tokens = torch.randint(0, 97, (4, 12), generator=gen)
+        torch.manual_seed(seed)
+        theirs = tl_sample_logits(logits.clone(), temperature=0.9, tokens=tokens, **options)
+        ours = fb.sample_logits(logits, temperature=0.9, tokens=tokens, generator=torch.Generator().manual_seed(seed), **options)
+        assert torch.equal(ours, theirs), seed
