@@ -80,3 +80,19 @@ def test_cache_of_wrong_shape_is_refused():
     _, cache = fb.forward_with_kv_cache(params, torch.tensor([[1, 2, 3]]), cfg)
     with pytest.raises(ValueError, match="kv_cache layer 0"):
         fb.forward_with_kv_cache(params, torch.tensor([[1], [2]]), cfg, kv_cache=cache)
+
+
+@pytest.mark.slow
+def test_compiled_cached_step_equals_eager():
+    """torch.compile takes the cached forward (prefill, then one step against the cache)."""
+    bridge = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
+    params, cfg = dict(bridge.params), bridge.cfg
+    tokens = torch.randint(0, cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(fb.forward_with_kv_cache)
+    with torch.no_grad():
+        _, cache = compiled(params, tokens[:, :5], cfg)
+        ours, _ = compiled(params, tokens[:, 5:], cfg, kv_cache=cache)
+        _, cache = fb.forward_with_kv_cache(params, tokens[:, :5], cfg)
+        eager, _ = fb.forward_with_kv_cache(params, tokens[:, 5:], cfg, kv_cache=cache)
+        ref64 = fb.forward(float64(params), tokens, cfg)[:, 5:]
+    assert_as_accurate_as(ours, eager, ref64)
