@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .config import BridgeConfig
 from .kv_cache import forward_with_kv_cache
-from .model import forward
+from .model import check_inputs, forward, transformer
 from .params import Params
 
 
@@ -82,13 +82,16 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     progress=None,
     return_logits: bool = False,
+    make_hooks=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """tokens [batch, pos] (left-padded, attention_mask [batch, pos] marking real tokens) ->
     [batch, pos + n_new]: the prompt followed by the generated tokens. A row that produced one of
     stop_tokens gets eos_token_for_padding afterwards; the loop ends when every row has (or after
     max_new_tokens). hooks: a HookSet or ``[(name or predicate, fn)]``, applied to every forward.
     progress: a callable wrapping the step range (a tqdm), or None. return_logits: also return
-    each step's final logits [batch, n_new, d_vocab_out] (before sampling's processing)."""
+    each step's final logits [batch, n_new, d_vocab_out] (before sampling's processing).
+    make_hooks: a callable giving each step's hooks afresh (the Bridge's, whose SAE splices hold
+    per-call state), used instead of hooks."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if tokens.dim() == 1:
@@ -105,12 +108,14 @@ def generate_tokens(
     step_logits = []
     steps = range(max_new_tokens) if progress is None else progress(range(max_new_tokens))
     for _ in steps:
+        if make_hooks is not None:
+            hooks = make_hooks()
         if use_past_kv_cache:
             logits, cache = forward_with_kv_cache(
                 params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks
             )  # fmt: skip
         else:
-            logits = forward(params, sequence, cfg, attention_mask=mask, hooks=hooks, optional_hooks=optional_hooks)
+            logits = _uncached_forward(params, sequence, cfg, mask, hooks, optional_hooks)
         final = logits[:, -1]  # [batch, d_vocab_out]
         if return_logits:
             step_logits.append(final)
@@ -130,6 +135,14 @@ def generate_tokens(
         empty = torch.zeros(batch, 0, cfg.d_vocab_out, dtype=sequence.dtype, device=tokens.device)
         return sequence, torch.stack(step_logits, dim=1) if step_logits else empty
     return sequence
+
+
+def _uncached_forward(params: Params, tokens: Tensor, cfg: BridgeConfig, mask: Tensor, hooks, optional_hooks) -> Tensor:
+    """forward over the whole sequence; hooks may be a HookSet by its interface (an SAE splice)."""
+    if not hasattr(hooks, "wants"):
+        return forward(params, tokens, cfg, attention_mask=mask, hooks=hooks, optional_hooks=optional_hooks)
+    tokens, mask = check_inputs(params, tokens, cfg, mask)
+    return transformer(params, tokens, cfg, mask, hooks)
 
 
 def _check_left_padded(mask: Tensor) -> None:

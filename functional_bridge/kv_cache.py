@@ -76,7 +76,9 @@ def forward_with_kv_cache(
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens, dtype=torch.bool)
     step = CacheStep(kv_cache, attention_mask)
-    logits = transformer(params, tokens, cfg, attention_mask, resolve_hooks(cfg, hooks, (), optional_hooks), kv_step=step)
+    if not hasattr(hooks, "wants"):  # a HookSet, or one by its interface (an SAE splice), is used as it is
+        hooks = resolve_hooks(cfg, hooks, (), optional_hooks)
+    logits = transformer(params, tokens, cfg, attention_mask, hooks, kv_step=step)
     return logits, step.extended()
 
 

@@ -171,3 +171,25 @@ def test_sample_logits_draws_what_transformer_lens_draws(transformer_lens, optio
         theirs = tl_sample_logits(logits.clone(), temperature=0.9, tokens=tokens, **options)
         ours = fb.sample_logits(logits, temperature=0.9, tokens=tokens, generator=torch.Generator().manual_seed(seed), **options)
         assert torch.equal(ours, theirs), seed
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+def test_an_attached_sae_acts_on_every_step(use_cache):
+    """An SAE spliced at a hook (bridge.saes) during generate equals a loop of run_with_saes."""
+    import functional_bridge.sae as fbsae
+
+    bridge = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
+    tokens, mask = _prompt(bridge.cfg)
+    torch.manual_seed(0)
+    sae = fbsae.SAE.random(fbsae.SAEConfig(architecture="standard", d_in=bridge.cfg.d_model, d_sae=32, hook_name="blocks.0.hook_resid_post"))
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, stop_at_eos=False, attention_mask=mask, verbose=False, use_past_kv_cache=use_cache)
+    with bridge.saes([sae]):
+        ours = bridge.generate(tokens, **kwargs)
+    sequence, full_mask = tokens, mask
+    for _ in range(NEW):
+        with torch.no_grad():
+            logits = bridge.run_with_saes(sequence, saes=[sae], attention_mask=full_mask)
+        new = logits[:, -1].argmax(-1, keepdim=True)
+        sequence, full_mask = torch.cat([sequence, new], 1), torch.cat([full_mask, torch.ones_like(new)], 1)
+    assert torch.equal(ours, sequence)
+    assert not torch.equal(ours, bridge.generate(tokens, **kwargs))

@@ -80,7 +80,7 @@ class TLGenerateMixin:
             progress = tqdm
         with torch.no_grad():
             out = generate_tokens(
-                self.params, tokens, self._config, attention_mask=mask, hooks=self._call_hooks(fwd_hooks),
+                self.params, tokens, self._config, attention_mask=mask, make_hooks=lambda: self._call_hooks(fwd_hooks),
                 max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, eos_token_for_padding=pad_eos, do_sample=do_sample,
                 top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
                 use_past_kv_cache=use_past_kv_cache, generator=generator, progress=progress, return_logits=output_logits,
