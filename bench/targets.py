@@ -80,3 +80,7 @@ def agreement(dtype: torch.dtype) -> Target:
 
 
 LOW_PRECISION_VS_HF = Target("<=", 1.5, "all", "harness bound: our rounding error at most 1.5x HF's")
+
+# generate: ours / HF generate (greedy, same prompts, interleaved), CPU fp32 small, prompt 32, 64 new
+GENERATE_CPU = Target("<=", 1.00, "cpu-small")
+GENERATE_HOOK_CPU = Target("<=", 1.10, "cpu-small")

@@ -15,6 +15,8 @@ from . import sae
 from . import utils
 from .func import activation_grads, masked_lm_loss, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
+from .kv_cache import KVCache, empty_kv_cache, forward_with_kv_cache
+from .generate import generate_tokens, sample_logits
 from .model import forward, run_with_cache, run_with_hooks
 from .processing import process_weights
 from .params import ParamsStructureError, check_params, stack_params, unstack_params
@@ -31,6 +33,11 @@ __all__ = [
     "set_tl_weights",
     "BridgeConfig",
     "HookPoint",
+    "KVCache",
+    "empty_kv_cache",
+    "forward_with_kv_cache",
+    "generate_tokens",
+    "sample_logits",
     "ParamsStructureError",
     "UnsupportedArchitectureError",
     "activation_grads",

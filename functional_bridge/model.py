@@ -256,12 +256,14 @@ def transformer(
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
     unembed: bool = True,
+    kv_step=None,
 ) -> Tensor | None:
     """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
     A family with its own forward (an encoder) runs that instead of the decoder stack below.
     With start_at_layer, tokens is the residual stream [batch, pos, d_model] entering that block;
     with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
-    stops after ln_final and returns None (HookedTransformer's return_type=None)."""
+    stops after ln_final and returns None (HookedTransformer's return_type=None).
+    kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py)."""
     family = family_for(cfg)
     if family.forward is not None:
         if start_at_layer is not None or stop_at_layer is not None or not unembed:
@@ -269,7 +271,7 @@ def transformer(
         return family.forward(params, tokens, cfg, attention_mask, hooks, token_type_ids)
     batch, seq = tokens.shape[:2]
     device = tokens.device
-    positions = position_ids(attention_mask, seq, device)  # [batch or 1, pos]
+    positions = position_ids(attention_mask, seq, device) if kv_step is None else kv_step.positions  # [batch or 1, pos]
     if start_at_layer is None:
         resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks)
     else:
@@ -277,11 +279,16 @@ def transformer(
     rotaries = {}  # rotary tables per kind of layer (global, or local with its own base)
     masks = {}  # one mask per distinct window span, shared by the layers that use it
     in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
-    bias = alibi_bias(positions, cfg.n_heads) if cfg.positional_embedding_type == "alibi" else None
+    bias = None
+    if cfg.positional_embedding_type == "alibi":
+        bias = alibi_bias(positions, cfg.n_heads) if kv_step is None else kv_step.alibi(cfg.n_heads)
     for layer in layer_range(cfg, start_at_layer, stop_at_layer):
         window = cfg.layer_window(layer)
         if window not in masks:
-            masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
+            if kv_step is None:
+                masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
+            else:
+                masks[window] = kv_step.attention_mask(window, in_transform)
             if bias is not None:
                 masks[window] = masks[window]._replace(bias=bias)
         rotary = None
@@ -291,7 +298,8 @@ def transformer(
                 dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
                 rotaries[local] = rotary_tables(positions, cfg, dtype, local)
             rotary = rotaries[local]
-        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary)
+        extend_kv = None if kv_step is None else kv_step.layer(layer)
+        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary, extend_kv)
     if stop_at_layer is not None:
         return resid
     final = family.unembed_weights(params, cfg)
@@ -344,9 +352,11 @@ def block(
     mask: AttentionMask,
     hooks: HookSet,
     rotary: Rotary | None = None,
+    extend_kv=None,
 ) -> Tensor:
     """One transformer block: resid [batch, pos, d_model] -> [batch, pos, d_model]. Each norm the
-    family gives applies at its place (inputs, outputs, or residual sums: LayerWeights)."""
+    family gives applies at its place (inputs, outputs, or residual sums: LayerWeights).
+    extend_kv(k, v) -> (k, v): prepends cached keys and values (kv_cache.py); None: no cache."""
     n = layer_hook_names(cfg, layer)
     resid = hooks(n.resid_pre, resid)
     # per-head inputs only when hook_attn_in / hook_q_input... is hooked (components/head_inputs.py)
@@ -355,7 +365,7 @@ def block(
         x = _norm(resid, w.ln1, cfg, hooks, n.ln1_scale, n.ln1_normalized)
     elif cfg.residual_from_norm:
         raise NotImplementedError(f"{cfg.original_architecture}: per-head attention inputs (hook_attn_in, hook_q_input...) with residual_from_norm")
-    attn_out = _attention(x, w, cfg, layer, mask, hooks, n, rotary)
+    attn_out = _attention(x, w, cfg, layer, mask, hooks, n, rotary, extend_kv)
     attn_out = hooks(n.attn_out, _norm(attn_out, w.ln1_post, cfg, hooks, n.ln1_post_scale, n.ln1_post_normalized))
     if cfg.parallel_attn_mlp:  # attention and MLP both read resid_pre
         mlp_in = mlp_input(resid, hooks, n.mlp_in)
@@ -402,7 +412,8 @@ def _qk_norm(x: Tensor, norm: Norm, cfg: BridgeConfig, hooks: HookSet, scale_nam
 
 
 def _attention(
-    x: Tensor | HeadInputs, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names, rotary: Rotary | None
+    x: Tensor | HeadInputs, w: LayerWeights, cfg: BridgeConfig, layer: int, mask, hooks: HookSet, names, rotary: Rotary | None,
+    extend_kv=None,
 ) -> Tensor:
     """[batch, pos, d_model] (or per-head inputs) -> attention output [batch, pos, d_model]."""
     if isinstance(x, HeadInputs):
@@ -418,6 +429,8 @@ def _attention(
     if rotary is not None:
         q = hooks(names.rot_q, apply_rotary(q, rotary))
         k = hooks(names.rot_k, apply_rotary(k, rotary))
+    if extend_kv is not None:
+        k, v = extend_kv(k, v)  # [batch, cached + pos, n_kv_heads, d_head]
     scale = cfg.attn_scale * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
     z = attend(q, k, v, mask, scale, hooks, names, cfg.attn_scores_soft_cap)
     if hooks.wants(names.result):  # HookedTransformer's use_attn_result

@@ -17,13 +17,14 @@ from ..weights import tl_weights
 from . import compat_mode
 from .config import TLConfig, TLState, plain_config
 from .forward import tl_forward
+from .generation import TLGenerateMixin
 from .hooking import TLHooksMixin
 from .text import TLTextMixin
 from .tokens import default_prepend_bos
 from .views import BlockList, TLView
 
 
-class TLFacade(TLTextMixin, TLHooksMixin):
+class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
     def _init_tl(self, tokenizer=None, prepend_bos: bool | None = None, padding_side: str | None = None) -> None:
         """Facade state for a new Bridge (called by Bridge.__init__)."""
         prepend = default_prepend_bos(self._config.original_architecture) if prepend_bos is None else bool(prepend_bos)

@@ -1,0 +1,21 @@
+"""Greedy generation against TransformerLens 3.9's HookedTransformer.generate on the same GPT-2
+weights (no processing): the same tokens, with and without the KV cache on either side."""
+
+import pytest
+import torch
+
+import functional_bridge as fb
+from helpers import make_gpt2
+from test_tl_oracle_analysis import hooked_transformer
+
+pytestmark = pytest.mark.oracle
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_equals_transformer_lens_generate(transformer_lens, use_cache):
+    hf = make_gpt2()
+    bridge, model = fb.Bridge.from_hf(hf), hooked_transformer(hf, transformer_lens)
+    tokens = torch.randint(0, bridge.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False, use_past_kv_cache=use_cache)
+    theirs = model.generate(tokens, **kwargs)
+    assert torch.equal(bridge.generate(tokens, **kwargs), theirs)
