@@ -34,13 +34,14 @@ def tl_config(hf):
     )  # fmt: skip
 
 
-def hooked_transformer(hf):
-    """HookedTransformer with hf's weights (TransformerLens's conversion, no processing)."""
+def hooked_transformer(hf, cls=None):
+    """HookedTransformer (or cls, a subclass: SAELens's HookedSAETransformer) with hf's weights
+    (TransformerLens's conversion, no processing)."""
     import transformer_lens
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
     cfg = tl_config(hf)
-    model = transformer_lens.HookedTransformer(cfg)
+    model = (cls or transformer_lens.HookedTransformer)(cfg)
     with torch.no_grad():
         state = dict(convert_gpt2_weights(hf, cfg))  # TL pops keys from the dict it is given
     model.load_and_process_state_dict(

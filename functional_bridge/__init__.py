@@ -11,6 +11,7 @@ from .bridge import Bridge
 from .config import BridgeConfig
 from .editing import set_tl_weights
 from . import patching
+from . import sae
 from . import utils
 from .func import activation_grads, masked_lm_loss, next_token_loss, per_example_grads, with_activation
 from .hooks import HookPoint, hook_names
@@ -36,6 +37,7 @@ __all__ = [
     "masked_lm_loss",
     "next_token_loss",
     "patching",
+    "sae",
     "utils",
     "per_example_grads",
     "with_activation",

@@ -26,13 +26,14 @@ from .config import BridgeConfig
 from .hf_io import build_hf_model, describe_leaves, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
 from .params import ParamsStructureError, check_params, params_device, params_dtype
+from .sae.facade import SAEFacade
 from .tl_compat import TLFacade
 from .tl_compat.config import plain_config
 from .tl_compat.views import ROOT_VIEWS, TLContainer
 from .weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, stacked_tl_weight, tl_weights
 
 
-class Bridge(TLFacade, nn.Module):
+class Bridge(SAEFacade, TLFacade, nn.Module):
     """An HF causal LM (or BERT encoder) as one pytree of HF leaves, with TransformerLens's view of it."""
 
     def __init__(self, params: Mapping[str, Tensor], cfg: BridgeConfig, hf_config=None, tokenizer=None,

@@ -114,10 +114,17 @@ def activation_grads(
     names: str | Sequence[str] | Callable[[str], bool],
     *,
     attention_mask: Tensor | None = None,
+    saes=None,
 ) -> dict[str, Tensor]:
     """d metric(logits) / d activation at each named hook point, by adding a zero perturbation
     at those points and differentiating with torch.func.grad (no backward hooks). Each gradient
-    has its activation's shape."""
+    has its activation's shape. saes: SAEs spliced in (with their error term), so that names may
+    be their hooks, e.g. ``blocks.3.hook_resid_pre.hook_sae_acts_post`` (feature attribution;
+    fb.sae.activation_grads_with_saes)."""
+    if saes is not None:
+        from .sae.run import activation_grads_with_saes
+
+        return activation_grads_with_saes(params, tokens, cfg, saes, metric, names, attention_mask=attention_mask)
     names = select_names(cfg, names)
     with torch.no_grad():
         _, cache = run_with_cache(params, tokens, cfg, names_filter=names, attention_mask=attention_mask, detach=True)

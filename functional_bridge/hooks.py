@@ -35,6 +35,9 @@ OPTIONAL_HOOKS = {
     "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
     "use_attn_result": ("attn.hook_result",),
     "use_hook_mlp_in": ("hook_mlp_in",),
+    # not a HookedTransformer flag: HookedSAETransformer's extra hook point at the MLP's input (the
+    # ln2 output, after its weights), which transcoders read; on in the Bridge's SAE methods
+    "use_mlp_hook_in": ("mlp.hook_in",),
 }
 # TransformerLens hook points not provided, with what to use instead.
 _NOT_PROVIDED = {"hook_tokens": "tokens are the forward's input"}
@@ -98,6 +101,7 @@ class LayerHookNames:
     mlp_in: str
     ln2_scale: str | None
     ln2_normalized: str | None
+    mlp_hook_in: str
     expert_weights: str | None  # mixture of experts: router probabilities, chosen experts
     expert_indices: str | None
     experts: tuple[str, ...]  # per expert: hook_gate, hook_pre, hook_post
@@ -129,7 +133,7 @@ class LayerHookNames:
         return [getattr(self, name) for name in _OPTIONAL_FIELDS if getattr(self, name)]
 
 
-_OPTIONAL_FIELDS = ("attn_in", "q_input", "k_input", "v_input", "result", "mlp_in")
+_OPTIONAL_FIELDS = ("attn_in", "q_input", "k_input", "v_input", "result", "mlp_in", "mlp_hook_in")
 
 
 def _memoized(fn):
@@ -195,6 +199,7 @@ def layer_hook_names(cfg: BridgeConfig, layer: int) -> LayerHookNames:
         mlp_in=p + "hook_mlp_in",
         ln2_scale=_norm_names(ln2)[0],
         ln2_normalized=_norm_names(ln2)[1],
+        mlp_hook_in=p + "mlp.hook_in",
         expert_weights=p + "mlp.hook_expert_weights" if moe else None,
         expert_indices=p + "mlp.hook_expert_indices" if moe else None,
         experts=experts,

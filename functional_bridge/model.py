@@ -371,7 +371,9 @@ def block(
 
 
 def _mlp(x: Tensor, w: LayerWeights, cfg: BridgeConfig, hooks: HookSet, n) -> Tensor:
-    """The MLP (or mixture of experts) and its output norm: [batch, pos, d_model] -> the same."""
+    """The MLP (or mixture of experts) and its output norm: [batch, pos, d_model] -> the same.
+    mlp.hook_in (HookedSAETransformer's, optional) sees what the MLP reads."""
+    x = hooks(n.mlp_hook_in, x)
     if isinstance(w.mlp, MoEWeights):
         out = moe(x, w.mlp, ACTIVATIONS[cfg.act_fn], hooks, n)
     else:

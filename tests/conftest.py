@@ -15,17 +15,29 @@ import transformers
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(scope="session")
-def transformer_lens():
-    """TransformerLens 3.9, the oracle. FB_REQUIRE_ORACLE=1 (set by .ci/run) turns a missing
-    install into a failure instead of a skip."""
+def _oracle(module: str, package: str):
+    """Import an oracle package; FB_REQUIRE_ORACLE=1 (set by .ci/run) turns a missing install
+    into a failure instead of a skip."""
+    import importlib
+
     try:
-        import transformer_lens
+        return importlib.import_module(module)
     except ImportError:
         if os.environ.get("FB_REQUIRE_ORACLE") == "1":
-            pytest.fail("transformer-lens is not installed but FB_REQUIRE_ORACLE=1")
-        pytest.skip("transformer-lens not installed (pip install -e .[oracle])")
-    return transformer_lens
+            pytest.fail(f"{package} is not installed but FB_REQUIRE_ORACLE=1")
+        pytest.skip(f"{package} not installed (pip install -e .[oracle])")
+
+
+@pytest.fixture(scope="session")
+def transformer_lens():
+    """TransformerLens 3.9, the oracle."""
+    return _oracle("transformer_lens", "transformer-lens")
+
+
+@pytest.fixture(scope="session")
+def sae_lens():
+    """SAELens 6.54 (its HookedSAETransformer runs over TransformerLens 3.9), the SAE oracle."""
+    return _oracle("sae_lens", "sae-lens")
 
 
 # FB_CUDA_TESTS_DEVICE=cpu runs the cuda-marked tests on the CPU: a dry run of their code on a

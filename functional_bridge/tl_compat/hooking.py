@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..analysis import ActivationCache
 from ..analysis.slicing import take
-from ..hooks import OPTIONAL_HOOKS, HookSet, hook_names, resolve_hooks, select_names
+from ..hooks import OPTIONAL_HOOKS, HookSet, resolve_hooks, select_names
 from .config import HOOK_FLAGS
 from .registry import FacadeHookPoint, HookRegistry
 
@@ -37,6 +37,12 @@ class TLHooksMixin:
     def _optional_flags(self) -> tuple[str, ...]:
         return tuple(flag for flag in HOOK_FLAGS if getattr(self._tl, flag))
 
+    def _select_names(self, name_or_filter, optional=None) -> list[str]:
+        """The hook names a name, a list of names, a predicate or None selects, with the optional
+        hook points of ``optional`` (default: the set_use_* flags). The SAE facade overrides it
+        while SAEs are spliced in (their hook names replace the hook they sit on)."""
+        return select_names(self._config, name_or_filter, self._optional_flags() if optional is None else optional)
+
     def _call_hooks(self, hooks=None) -> HookSet:
         """The HookSet for one forward: the registered hooks, then those passed to this call."""
         registered = self.__dict__.get("_hook_registry")
@@ -49,7 +55,7 @@ class TLHooksMixin:
         """Hook name -> hook point, every hook point of the model (optional ones included), in
         execution order."""
         registry = self._registry
-        return {name: registry.point(name) for name in hook_names(self._config, OPTIONAL_HOOKS)}
+        return {name: registry.point(name) for name in self._select_names(None, tuple(OPTIONAL_HOOKS))}
 
     def hook_points(self):
         return self.hook_dict.values()
@@ -73,11 +79,9 @@ class TLHooksMixin:
         return self._registry.is_caching
 
     def _hook_points_for(self, name: str | Callable[[str], bool]) -> list[FacadeHookPoint]:
-        if isinstance(name, str):
-            return [self._registry.point(name)]
-        if not callable(name):
+        if not isinstance(name, str) and not callable(name):
             raise TypeError(f"a hook is attached to a hook name or a predicate on names, got {name!r}")
-        return [self._registry.point(n) for n in select_names(self._config, name, self._optional_flags())]
+        return [self._registry.point(n) for n in self._select_names(name)]
 
     # adding and removing -----------------------------------------------------------------------
 
@@ -106,7 +110,7 @@ class TLHooksMixin:
 
     def list_hooks(self, name_filter=None, dir: str = "both", including_permanent: bool = True) -> dict:
         """Hook name -> its LensHandles, for the names with hooks (TL's HookIntrospectionMixin)."""
-        names = set(select_names(self._config, name_filter, tuple(OPTIONAL_HOOKS))) if name_filter is not None else None
+        names = set(self._select_names(name_filter, tuple(OPTIONAL_HOOKS))) if name_filter is not None else None
         out = {}
         for name, point in self._registry.points.items():
             handles = (point.fwd_hooks if dir != "bwd" else []) + (point.bwd_hooks if dir != "fwd" else [])
@@ -152,7 +156,7 @@ class TLHooksMixin:
         activation's position axis (TransformerLens slices the head axis of hook_rot_q/k and
         the per-head inputs; this does not)."""
         cache = {} if cache is None else cache
-        names = select_names(self._config, names_filter, self._optional_flags())
+        names = self._select_names(names_filter)
         if isinstance(pos_slice, int):  # as TransformerLens's Slice.unwrap: keep the position axis
             pos_slice = [pos_slice]
         self._registry.is_caching = True

@@ -116,12 +116,14 @@ class HookRegistry:
         self.is_caching = False
         self._active: set[str] = set()  # names with at least one hook
         self._hookset: HookSet | None = None
+        self.extra_names: frozenset[str] = frozenset()  # valid beyond the model's (spliced SAEs' hooks)
 
     def point(self, name: str) -> FacadeHookPoint:
         """The hook point of a name (any hook name of the model, optional ones included)."""
         point = self.points.get(name)
         if point is None:
-            select_names(self.cfg, name)  # raises for unknown names, with the closest ones
+            if name not in self.extra_names:
+                select_names(self.cfg, name)  # raises for unknown names, with the closest ones
             point = self.points[name] = FacadeHookPoint(name, self)
         return point
 
