@@ -107,6 +107,15 @@ VARIANTS = {
         "gqa_tied": (T.Olmo2Config, dict(_LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
                                          pad_token_id=0)),
     },
+    # GPT-Neo: unscaled attention, local (window 4) and global layers; intermediate_size None: 4 * d_model
+    "gpt_neo": {
+        "base": (T.GPTNeoConfig, dict(vocab_size=VOCAB, hidden_size=48, num_layers=3, num_heads=4, max_position_embeddings=64,
+                                      attention_types=[[["local", "global"], 1], [["local"], 1]], window_size=4,
+                                      intermediate_size=80)),
+        "global_untied": (T.GPTNeoConfig, dict(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_heads=3, max_position_embeddings=64,
+                                               attention_types=[[["global"], 2]], tie_word_embeddings=False,
+                                               activation_function="gelu")),
+    },
     # Mixtral: routers scaled (perturb_family_) so the top-2 of 4 experts differ by token
     "mixtral": {
         "base": (T.MixtralConfig, dict(_LLAMA_LIKE, num_attention_heads=6, num_key_value_heads=2, sliding_window=5,

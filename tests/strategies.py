@@ -274,6 +274,19 @@ def _mixtral_fields(draw) -> dict:
     return dict(out, num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, experts)))
 
 
+@st.composite
+def _gpt_neo_fields(draw) -> dict:
+    """GPT-Neo: each layer global or local, windows that bind at MAX_POS."""
+    n_heads, d_head, n_layers = draw(st.integers(1, 4)), draw(st.sampled_from([4, 8, 12, 16])), draw(LAYERS)
+    types = draw(st.lists(st.sampled_from(["global", "local"]), min_size=n_layers, max_size=n_layers))
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_layers=n_layers, num_heads=n_heads,
+        hidden_size=n_heads * d_head, intermediate_size=draw(st.none() | st.integers(8, 96)),
+        activation_function=draw(ACTIVATION), layer_norm_epsilon=draw(EPS), tie_word_embeddings=draw(st.booleans()),
+        attention_types=[[[t], 1] for t in types], window_size=draw(st.integers(1, 8)),
+    )  # fmt: skip
+
+
 # HF class -> its config class, and the strategy for its config fields
 CONFIG_CLASSES = {
     "GPT2LMHeadModel": "GPT2Config",
@@ -293,6 +306,7 @@ CONFIG_CLASSES = {
     "OlmoForCausalLM": "OlmoConfig",
     "Olmo2ForCausalLM": "Olmo2Config",
     "MixtralForCausalLM": "MixtralConfig",
+    "GPTNeoForCausalLM": "GPTNeoConfig",
 }
 FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPT2LMHeadModel": _gpt2_fields,
@@ -312,6 +326,7 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "OlmoForCausalLM": lambda: _olmo_fields(False),
     "Olmo2ForCausalLM": lambda: _olmo_fields(True),
     "MixtralForCausalLM": _mixtral_fields,
+    "GPTNeoForCausalLM": _gpt_neo_fields,
 }
 
 

@@ -147,6 +147,9 @@ WRONG_SETTINGS = [
     ("olmo2", "base", dict(eps=1e-2)),
     ("mixtral", "base", dict(experts_per_token=1)),
     ("mixtral", "base", dict(window_size=None)),
+    ("gpt_neo", "base", dict(attn_scale=12**0.5)),  # GPT-Neo does not scale its scores
+    ("gpt_neo", "base", dict(attn_types=None)),  # the window on every layer
+    ("gpt_neo", "base", dict(window_size=5)),
 ]
 
 
@@ -188,6 +191,7 @@ def test_a_wrong_setting_fails_parity_by_a_wide_margin(family, variant, change):
                                        "long_factor": [2.0] * 4, "partial_rotary_factor": 1.0}, original_max_position_embeddings=32),
          "rope_type 'longrope'"),
         ("phi", dict(hidden_act="mystery"), "hidden_act 'mystery'"),
+        ("gpt_neo", dict(activation_function="mystery"), "activation_function 'mystery'"),
         ("gemma2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                          "original_max_position_embeddings": 32}), "rope_type 'yarn'"),
     ],
@@ -312,9 +316,12 @@ def test_hook_names_and_shapes(family):
     tokens = random_tokens(2, 7, VOCAB)
     _, cache = bridge.run_with_cache(tokens)
     assert list(cache) == fb.hook_names(cfg)
-    assert "hook_pos_embed" not in cache
-    assert cache["blocks.1.attn.hook_rot_q"].shape == (2, 7, cfg.n_heads, cfg.d_head)
-    assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 7, cfg.n_kv_heads, cfg.d_head)
+    rotary = cfg.positional_embedding_type == "rotary"
+    assert ("hook_pos_embed" in cache) == (cfg.positional_embedding_type == "standard") == (family == "gpt_neo")
+    assert ("blocks.1.attn.hook_rot_q" in cache) == rotary
+    if rotary:
+        assert cache["blocks.1.attn.hook_rot_q"].shape == (2, 7, cfg.n_heads, cfg.d_head)
+        assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 7, cfg.n_kv_heads, cfg.d_head)
     assert ("blocks.0.attn.q_norm.hook_scale" in cache) == cfg.use_qk_norm == (family in ("qwen3", "gemma3", "olmo2"))
     assert ("blocks.0.ln1_post.hook_scale" in cache) == (cfg.norm_placement == "pre_post")
     assert ("blocks.0.mlp.hook_pre_linear" in cache) == (cfg.gated_mlp and cfg.num_experts is None)

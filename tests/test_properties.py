@@ -195,7 +195,12 @@ def test_padded_rows_equal_each_row_alone(arch, data):
 # activations ------------------------------------------------------------------------------------
 
 
-def _hf_activations(output, n_layers: int, causal: bool) -> dict:
+# HF models whose hidden_states[-1] is after the final norm whatever tie_last_hidden_states says
+# (their forward appends it after ln_f): the last block's output is not compared there.
+LAST_HIDDEN_NORMED = ("GPTNeoForCausalLM",)
+
+
+def _hf_activations(output, n_layers: int, causal: bool, last_normed: bool = False) -> dict:
     """HF's base-model output (tie_last_hidden_states off) under our hook names. A post-LN
     encoder's block output is its hook_normalized_resid_post (HookedEncoder's name), and its base
     model ends at the last block (the MLM head's norm is outside it)."""
@@ -203,7 +208,8 @@ def _hf_activations(output, n_layers: int, causal: bool) -> dict:
     block_out = "hook_resid_post" if causal else "hook_normalized_resid_post"
     for layer in range(n_layers):
         acts[f"blocks.{layer}.hook_resid_pre"] = output.hidden_states[layer]
-        acts[f"blocks.{layer}.{block_out}"] = output.hidden_states[layer + 1]
+        if layer + 1 < n_layers or not last_normed:
+            acts[f"blocks.{layer}.{block_out}"] = output.hidden_states[layer + 1]
         acts[f"blocks.{layer}.attn.hook_pattern"] = output.attentions[layer]  # [batch, head, query_pos, key_pos]
     return acts
 
@@ -222,8 +228,8 @@ def test_cache_matches_hf_hidden_states_and_attentions(arch, data):
     kwargs = dict(output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
         with float64_everywhere():
-            reference = _hf_activations(oracle.reference.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS)
-        hf = _hf_activations(oracle.model.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS)  # eager: sdpa has no attentions
+            reference = _hf_activations(oracle.reference.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS, arch in LAST_HIDDEN_NORMED)
+        hf = _hf_activations(oracle.model.base_model(tokens, **kwargs), n, arch in CAUSAL_LMS, arch in LAST_HIDDEN_NORMED)  # eager: sdpa has no attentions
         _, cache = fb.run_with_cache(bridge.params, tokens, bridge.cfg, names_filter=list(reference))
         params64 = dict(oracle.reference.named_parameters())
         _, cache64 = fb.run_with_cache(params64, tokens, bridge.cfg, names_filter=list(reference))

@@ -40,6 +40,8 @@ CONFIGS = {
     "OlmoForCausalLM": ("OlmoConfig", dict(LLAMA_LIKE, clip_qkv=2.0, pad_token_id=0)),  # TL's OLMo conversion: no grouped K/V
     "Olmo2ForCausalLM": ("Olmo2Config", dict(LLAMA_LIKE, pad_token_id=0)),
     "MixtralForCausalLM": ("MixtralConfig", dict(LLAMA_LIKE, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)),
+    "GPTNeoForCausalLM": ("GPTNeoConfig", dict(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, **SMALL,
+                                               attention_types=[[["global", "local"], 1]], window_size=4)),
     # Gemma: d_model 64 (sqrt(d_model) exact in every dtype), one local and one global layer
     "GemmaForCausalLM": ("GemmaConfig", dict(GEMMA_LIKE)),
     "Gemma2ForCausalLM": ("Gemma2Config", dict(GEMMA_LIKE, sliding_window=4, layer_types=GEMMA_TYPES, query_pre_attn_scalar=16,

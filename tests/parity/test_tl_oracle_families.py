@@ -26,7 +26,7 @@ ORACLE_VARIANTS = [
     ("qwen2", "base"), ("qwen2", "mha_tied"), ("qwen3", "base"), ("gpt_neox", "base"), ("gpt_neox", "sequential_tied"),
     ("gptj", "base"), ("gptj", "full_rotary_tied"), ("gemma", "base"), ("gemma2", "base"), ("gemma3", "base"),
     ("gemma3", "capped_mha_untied"), ("phi", "base"), ("phi3", "base"), ("phi3", "mha_tied"),
-    ("olmo", "base"), ("olmo2", "base"), ("mixtral", "base"),
+    ("olmo", "base"), ("olmo2", "base"), ("mixtral", "base"), ("gpt_neo", "base"), ("gpt_neo", "global_untied"),
 ]  # fmt: skip
 BIASED_VARIANTS = [("llama", "mha_tied_bias"), ("qwen3", "mha_bias_window"), ("gemma", "mha_bias_untied")]
 # TL 3.9 computes NTK-by-parts (llama3) inverse frequencies in float32 whatever the model's dtype
@@ -46,6 +46,7 @@ CONVERTERS = {
     "Gemma3ForCausalLM": "gemma.convert_gemma_weights", "PhiForCausalLM": "phi.convert_phi_weights",
     "Phi3ForCausalLM": "phi3.convert_phi3_weights", "OlmoForCausalLM": "olmo.convert_olmo_weights",
     "Olmo2ForCausalLM": "olmo2.convert_olmo2_weights", "MixtralForCausalLM": "mixtral.convert_mixtral_weights",
+    "GPTNeoForCausalLM": "neo.convert_neo_weights",
 }  # fmt: skip
 # Keys TL 3.9's converter gets wrong, left out of the bitwise comparison: convert_phi3_weights
 # writes ln1.b/ln2.b as zeros of shape [d_vocab] for an RMSNorm model that has no norm biases.
@@ -192,10 +193,22 @@ def _olmo(hf) -> dict:
     return fields
 
 
+def _gpt_neo(hf) -> dict:
+    """TL's GPTNeoForCausalLM mapping (unscaled attention, attn_types from attention_layers),
+    with d_mlp from intermediate_size (TL's mapping uses 4 * d_model)."""
+    c = hf.config
+    return dict(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_heads, n_heads=c.num_heads, d_mlp=c.intermediate_size or 4 * c.hidden_size,
+        n_layers=c.num_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
+        attn_types=c.attention_layers, act_fn=c.activation_function, use_attn_scale=False, use_local_attn=True,
+        window_size=c.window_size, normalization_type="LN",
+    )  # fmt: skip
+
+
 def tl_config(hf, transformer_lens):
     arch = type(hf).__name__
     builders = {"GPTNeoXForCausalLM": _neox, "GPTJForCausalLM": _gptj, "PhiForCausalLM": _phi, "Phi3ForCausalLM": _phi3}
-    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo)
+    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo, GPTNeoForCausalLM=_gpt_neo)
     builders.update(dict.fromkeys(("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"), _gemma))
     fields = builders.get(arch, _llama_like)(hf)
     dtype = next(hf.parameters()).dtype

@@ -42,6 +42,7 @@ CONVERSIONS = {
     "OlmoForCausalLM": "convert_olmo_weights",
     "Olmo2ForCausalLM": "convert_olmo2_weights",
     "MixtralForCausalLM": "convert_mixtral_weights",
+    "GPTNeoForCausalLM": "convert_neo_weights",
 }
 
 
