@@ -104,7 +104,8 @@ def generate_tokens(
         raise ValueError(f"prompt ({tokens.shape[1]}) plus max_new_tokens ({max_new_tokens}) exceed the model's context n_ctx={cfg.n_ctx}")
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=tokens.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
-    sequence, cache, step_tokens, step_mask = tokens, None, tokens, mask
+    sequence, cache, step_tokens = tokens, None, tokens
+    step_mask = mask if bool((~mask).any()) else None  # no padding: the cache's maskless fast path
     step_logits = []
     steps = range(max_new_tokens) if progress is None else progress(range(max_new_tokens))
     for _ in steps:
@@ -112,7 +113,8 @@ def generate_tokens(
             hooks = make_hooks()
         if use_past_kv_cache:
             logits, cache = forward_with_kv_cache(
-                params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks
+                params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks,
+                logits_to_keep=1,
             )  # fmt: skip
         else:
             logits = _uncached_forward(params, sequence, cfg, mask, hooks, optional_hooks)
@@ -127,8 +129,8 @@ def generate_tokens(
         if stop.numel():
             new = new.masked_fill(finished, eos_token_for_padding)
             finished = finished | torch.isin(new, stop)
-        step_tokens, step_mask = new[:, None], torch.ones(batch, 1, dtype=torch.bool, device=tokens.device)
-        sequence, mask = torch.cat([sequence, step_tokens], dim=1), torch.cat([mask, step_mask], dim=1)
+        step_tokens, step_mask = new[:, None], None  # new tokens are real
+        sequence, mask = torch.cat([sequence, step_tokens], dim=1), torch.cat([mask, torch.ones_like(step_tokens, dtype=torch.bool)], dim=1)
         if stop.numel() and bool(finished.all()):
             break
     if return_logits:

@@ -257,13 +257,15 @@ def transformer(
     stop_at_layer: int | None = None,
     unembed: bool = True,
     kv_step=None,
+    logits_to_keep: int | None = None,
 ) -> Tensor | None:
     """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
     A family with its own forward (an encoder) runs that instead of the decoder stack below.
     With start_at_layer, tokens is the residual stream [batch, pos, d_model] entering that block;
     with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
     stops after ln_final and returns None (HookedTransformer's return_type=None).
-    kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py)."""
+    kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py).
+    logits_to_keep: the logits of the last n positions only (kv_cache.forward_with_kv_cache)."""
     family = family_for(cfg)
     if family.forward is not None:
         if start_at_layer is not None or stop_at_layer is not None or not unembed:
@@ -273,7 +275,7 @@ def transformer(
     device = tokens.device
     positions = position_ids(attention_mask, seq, device) if kv_step is None else kv_step.positions  # [batch or 1, pos]
     if start_at_layer is None:
-        resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks)
+        resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks, kv_step is None)
     else:
         resid = tokens  # [batch, pos, d_model]
     rotaries = {}  # rotary tables per kind of layer (global, or local with its own base)
@@ -304,6 +306,8 @@ def transformer(
         return resid
     final = family.unembed_weights(params, cfg)
     x = resid
+    if logits_to_keep is not None and not any(hooks.wants(name) for name in _FINAL_HOOKS):
+        x = x[:, -logits_to_keep:]  # the norm and unembedding act per position
     if final.ln_final is not None:
         x = apply_norm(x, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
     if not unembed:
@@ -312,7 +316,12 @@ def transformer(
         x = affine(x, final.project_out)
     x = hooks("unembed.hook_in", x)
     logits = hooks("unembed.hook_out", affine(x, final.unembed))
+    if logits_to_keep is not None:
+        logits = logits[:, -logits_to_keep:]
     return soft_cap(logits, cfg.output_logits_soft_cap)
+
+
+_FINAL_HOOKS = ("ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
 
 def soft_cap(x: Tensor, cap: float | None) -> Tensor:
@@ -320,9 +329,12 @@ def soft_cap(x: Tensor, cap: float | None) -> Tensor:
     return x if cap is None else (x / cap).tanh() * cap
 
 
-def _embed(weights: EmbedWeights, tokens, positions, attention_mask, cfg: BridgeConfig, hooks: HookSet) -> Tensor:
+def _embed(
+    weights: EmbedWeights, tokens, positions, attention_mask, cfg: BridgeConfig, hooks: HookSet, from_zero: bool = True
+) -> Tensor:
     """[batch, pos, d_model]: token embedding (scaled, normed or projected as the family says)
-    plus learned positions where the family has them."""
+    plus learned positions where the family has them. from_zero: positions start at 0 (False
+    after a KV cache's tokens)."""
     embed = embed_tokens(tokens, weights.W_E)
     if weights.scale is not None:  # in the embedding's dtype, from a float32 scalar, as HF's buffer
         embed = embed * torch.tensor(weights.scale, dtype=torch.float32).to(embed.dtype)
@@ -333,7 +345,7 @@ def _embed(weights: EmbedWeights, tokens, positions, attention_mask, cfg: Bridge
     resid = hooks("hook_embed", embed)
     if weights.W_pos is None:
         return resid
-    if attention_mask is None and not hooks.wants("hook_pos_embed"):
+    if attention_mask is None and from_zero and not hooks.wants("hook_pos_embed"):
         return resid + weights.W_pos[: tokens.shape[1]]  # broadcast over batch, no copy
     pos = learned_positions(weights.W_pos, positions, attention_mask, tokens.shape[0])
     return resid + hooks("hook_pos_embed", pos)

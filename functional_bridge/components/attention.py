@@ -149,9 +149,10 @@ def _sdpa_attention(q, k, v, mask: AttentionMask, attn_scale: float) -> Tensor:
     if mask.is_plain_causal and mask.bias is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1.0 / attn_scale, **gqa)
         return (out + _nan_probe(qt, kt, vt, None)).transpose(1, 2)
-    allowed = mask.allowed if mask.has_key is None else mask.allowed | ~mask.has_key
+    allowed = mask.allowed if mask.has_key is None else mask.allowed | ~mask.has_key  # None: every key
     if mask.bias is not None:  # a float mask: the bias where allowed, -inf elsewhere
-        allowed = mask.bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+        bias = mask.bias.to(q.dtype)
+        allowed = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=1.0 / attn_scale, **gqa)
     out = out + _nan_probe(qt, kt, vt, mask.keys)
     if mask.has_key is not None:  # rows with no key: z = 0, as the explicit path gives
@@ -164,10 +165,11 @@ def _nan_probe(qt: Tensor, kt: Tensor, vt: Tensor, keys: Tensor | None) -> Tenso
     that fused kernels drop: a NaN query row, or a NaN in a head's real keys or its values (a
     NaN weight, say). qt: [batch, head, q_pos, d_head]; kt, vt: [batch, kv_head, k_pos, d_head];
     keys: [batch, 1, 1, k_pos] real-token mask or None. Reads q, k and v once: cheap."""
-    if keys is not None:
-        kt = kt.masked_fill(~keys.transpose(-1, -2), 0.0)  # NaNs at padding keys are masked out
     f32 = torch.float32  # sums in float32: a float16 sum of finite values could overflow to inf
-    per_head = (kt.sum((-2, -1), dtype=f32) + vt.sum((-2, -1), dtype=f32))[..., None, None]  # [batch, kv_head, 1, 1]
+    key_rows = kt.sum(-1, dtype=f32)  # [batch, kv_head, k_pos]: reduce first, then mask the small tensor
+    if keys is not None:
+        key_rows = key_rows.masked_fill(~keys[:, :, 0], 0.0)  # NaNs at padding keys are masked out
+    per_head = (key_rows.sum(-1) + vt.sum((-2, -1), dtype=f32))[..., None, None]  # [batch, kv_head, 1, 1]
     group = qt.shape[1] // kt.shape[1]
     if group > 1:
         per_head = per_head.repeat_interleave(group, dim=1)
