@@ -78,6 +78,25 @@ def build_hf(size: str, device: str, dtype: torch.dtype, seed: int = 0, attn: st
     return model.to(dtype).eval()
 
 
+def build_hf_llama(size: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A Llama of the size's GPT-2 width, depth and heads (grouped-query: a third as many key/value
+    heads), SwiGLU MLP of 8/3 the width, Llama's 32000-token vocabulary; HF's random init, sdpa,
+    eval mode. The generate suite's second model (the issue asks for GPT-2 small and a small Llama)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SIZES[size]
+    d, heads = s["n_embd"], s["n_head"]
+    config = LlamaConfig(
+        hidden_size=d, num_hidden_layers=s["n_layer"], num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
+        intermediate_size=int(8 * d / 3) // 64 * 64 or 4 * d, vocab_size=32000 if size != "tiny" else s["vocab_size"],
+        max_position_embeddings=s["n_positions"], bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
 def hf_twin(model, attn: str):
     """A second HF model object over the same Parameter objects, with another attention."""
     config = copy.deepcopy(model.config)
@@ -130,12 +149,20 @@ class Models:
         self._hf: dict[torch.dtype, object] = {}
         self._twins: dict[tuple[torch.dtype, str], object] = {}
         self._bridges: dict[torch.dtype, fb.Bridge] = {}
+        self._llamas: dict[torch.dtype, tuple[object, fb.Bridge]] = {}  # (HF Llama, its bridge)
         self._anchors: dict[torch.dtype, object] = {}
 
     def hf(self, dtype: torch.dtype):
         if dtype not in self._hf:
             self._hf[dtype] = build_hf(self.size, self.device, dtype, self.seed)
         return self._hf[dtype]
+
+    def llama(self, dtype: torch.dtype):
+        """(the HF Llama of build_hf_llama, a bridge over its tensors)."""
+        if dtype not in self._llamas:
+            hf = build_hf_llama(self.size, self.device, dtype, self.seed)
+            self._llamas[dtype] = (hf, fb.Bridge.from_hf(hf))
+        return self._llamas[dtype]
 
     def hf_eager(self, dtype: torch.dtype):
         key = (dtype, "eager")

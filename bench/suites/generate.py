@@ -1,7 +1,9 @@
 """Generate: greedy decoding with our functional KV cache (Bridge.generate) vs HF's generate with
 its default cache, same model and prompts, interleaved in one process, batch 1 and 8, prompt 32,
-64 new tokens (fewer where the context is shorter); and ours with a steering hook active on every
-step (a zero vector added at the middle block's resid_post). Tokens/s of ours in a row too."""
+64 new tokens (fewer where the context is shorter), on the size's GPT-2 and on a Llama of the same
+width and depth (grouped-query heads, rotary, SwiGLU: bench/models.py); and ours with a steering
+hook active on every step (a zero vector added at the middle block's resid_post). Tokens/s of
+ours in a row too."""
 
 from __future__ import annotations
 
@@ -19,16 +21,21 @@ PROMPT, NEW = 32, 64
 
 
 def run(ctx) -> None:
-    hf, bridge = ctx.models.hf(ctx.dtype), ctx.models.bridge(ctx.dtype)
+    ctx.note(f"prompt {PROMPT} tokens, {NEW} new tokens, greedy, no EOS stop; HF: generate(do_sample=False) with its default cache.")
+    gpt2 = (ctx.models.hf(ctx.dtype), ctx.models.bridge(ctx.dtype))
+    _run_model(ctx, "gpt2", *gpt2)
+    _run_model(ctx, "llama", *ctx.models.llama(ctx.dtype))
+
+
+def _run_model(ctx, model: str, hf, bridge) -> None:
     cfg = bridge.cfg
     prompt = min(PROMPT, cfg.n_ctx // 2)
     new = min(NEW, cfg.n_ctx - prompt)
     hf.generation_config.pad_token_id = 0
     steer = torch.zeros(cfg.d_model, device=ctx.device, dtype=bridge.params[next(iter(bridge.params))].dtype)
     hook = [(f"blocks.{cfg.n_layers // 2}.hook_resid_post", lambda resid, hook: resid + steer)]
-    ctx.note(f"prompt {prompt} tokens, {new} new tokens, greedy, no EOS stop; HF: generate(do_sample=False) with its default cache.")
     for batch in (1, 8):
-        case = f"{batch}x{prompt}+{new}"
+        case = f"{model} {batch}x{prompt}+{new}"
         tokens = random_tokens((batch, prompt), cfg.d_vocab, ctx.device)
         mask = torch.ones_like(tokens)
         kwargs = dict(max_new_tokens=new, do_sample=False, stop_at_eos=False, verbose=False)
