@@ -170,10 +170,12 @@ def _nan_probe(qt: Tensor, kt: Tensor, vt: Tensor, keys: Tensor | None) -> Tenso
     if keys is not None:
         key_rows = key_rows.masked_fill(~keys[:, :, 0], 0.0)  # NaNs at padding keys are masked out
     per_head = (key_rows.sum(-1) + vt.sum((-2, -1), dtype=f32))[..., None, None]  # [batch, kv_head, 1, 1]
-    group = qt.shape[1] // kt.shape[1]
-    if group > 1:
-        per_head = per_head.repeat_interleave(group, dim=1)
-    return ((qt.sum(-1, keepdim=True, dtype=f32) + per_head) * 0).to(qt.dtype)
+    query_rows = qt.sum(-1, keepdim=True, dtype=f32)  # [batch, head, q_pos, 1]
+    batch, heads, q_len, _ = query_rows.shape
+    if kt.shape[1] != heads:  # grouped-query: the heads of one key/value head are adjacent
+        grouped = query_rows.view(batch, kt.shape[1], -1, 1) + per_head  # [batch, kv_head, group * q_pos, 1]
+        return (grouped.view(batch, heads, q_len, 1) * 0).to(qt.dtype)
+    return ((query_rows + per_head) * 0).to(qt.dtype)
 
 
 def _explicit_attention(
