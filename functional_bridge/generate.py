@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import BridgeConfig
-from .kv_cache import forward_with_kv_cache
+from .kv_cache import decode_step, forward_with_kv_cache
 from .model import check_inputs, forward, transformer
 from .params import Params
 
@@ -112,10 +112,12 @@ def generate_tokens(
         if make_hooks is not None:
             hooks = make_hooks()
         if use_past_kv_cache:
-            logits, cache = forward_with_kv_cache(
-                params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks,
-                logits_to_keep=1,
-            )  # fmt: skip
+            if cache is None:  # the prompt, checked; then the loop's own tokens against its own cache
+                logits, cache = forward_with_kv_cache(
+                    params, step_tokens, cfg, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks, logits_to_keep=1
+                )  # fmt: skip
+            else:
+                logits, cache = decode_step(params, step_tokens, cfg, cache, hooks=hooks, optional_hooks=optional_hooks, logits_to_keep=1)
         else:
             logits = _uncached_forward(params, sequence, cfg, mask, hooks, optional_hooks)
         final = logits[:, -1]  # [batch, d_vocab_out]
