@@ -208,8 +208,9 @@ def test_bad_text_input_is_refused_by_name(bert):
     tokens, types, mask = bridge.to_tokens(TEXTS)
     with pytest.raises(ValueError, match="pass attention_mask or one_zero_attention_mask"):
         bridge(tokens, attention_mask=mask, one_zero_attention_mask=mask)
-    with pytest.raises(ValueError, match="generate is for causal LMs; BertForMaskedLM"):
-        bridge.generate("the cat")
+    for text in ("the cat", TEXTS):
+        with pytest.raises(NotImplementedError, match="BertForMaskedLM is not a causal decoder: it has no KV cache and cannot generate"):
+            bridge.generate(text)
     with pytest.raises(ValueError, match="test_prompt is for causal LMs"):
         fb.utils.test_prompt("the cat sat on the", "mat", bridge, print_details=False)
 

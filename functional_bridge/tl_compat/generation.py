@@ -51,9 +51,9 @@ class TLGenerateMixin:
         HF's GenerateDecoderOnlyOutput(sequences, logits: one [batch, d_vocab] per step)."""
         import torch
 
-        from ..architectures import require_causal_lm
+        from ..kv_cache import refuse_encoders
 
-        require_causal_lm(self._config, "generate")
+        refuse_encoders(self._config)  # (before text is tokenized as an encoder's)
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES} (embeddings are not supported), got {return_type!r}")
         if seed is not None and generator is not None:
