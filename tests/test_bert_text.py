@@ -98,6 +98,7 @@ def test_str_tokens_and_single_tokens_read_the_vocabulary(bert):
     assert bridge.to_str_tokens(text) == tokenizer.convert_ids_to_tokens(ids)
     assert bridge.to_str_tokens(text)[8:12] == ["cat", "##s", "jump", "##ed"]
     assert bridge.to_str_tokens([text, "hello"])[1] == ["[CLS]", "hello", "[SEP]"]
+    assert bridge.to_str_tokens([("hello", "the cat")]) == [["[CLS]", "hello", "[SEP]", "the", "cat", "[SEP]"]]
     assert bridge.to_single_token("cat") == tokenizer.vocab["cat"] and bridge.to_single_token("[MASK]") == tokenizer.mask_token_id
     with pytest.raises(ValueError, match=r"'cats' is not a single token: it is \['cat', '##s'\]"):
         bridge.to_single_token("cats")

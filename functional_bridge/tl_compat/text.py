@@ -103,12 +103,14 @@ class TLTextMixin:
 
     def to_str_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None):
         """Text or token ids [pos] / [1, pos] -> each token as a string (a list of inputs -> a
-        list of results). For an encoder, text's tokens include the [CLS] and [SEP] it sees."""
+        list of results). For an encoder, text's tokens include the [CLS] and [SEP] it sees,
+        and a (text_a, text_b) pair is one input."""
         if isinstance(input, list):
             return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
         tokenizer = self._require_tokenizer("to_str_tokens")
-        if isinstance(input, str):
-            input = self._tokenize(input, prepend_bos, padding_side)[0][0]
+        pair = self._is_encoder and isinstance(input, tuple) and len(input) == 2 and all(isinstance(s, str) for s in input)
+        if isinstance(input, str) or pair:
+            input = self._tokenize([input] if pair else input, prepend_bos, padding_side)[0][0]
         elif not hasattr(input, "shape"):
             raise ValueError(f"to_str_tokens takes text, a tensor or an array of tokens, got {type(input).__name__}")
         return tok.str_tokens(tokenizer, input)
