@@ -29,7 +29,9 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
     def _init_tl(self, tokenizer=None, prepend_bos: bool | None = None, padding_side: str | None = None) -> None:
         """Facade state for a new Bridge (called by Bridge.__init__)."""
         if self._is_encoder:  # HookedEncoder: no BOS by hand, padding on the right
-            enc.check_encoder_text_options(self._config.original_architecture, prepend_bos, padding_side, "default_padding_side", "default_prepend_bos")
+            enc.check_encoder_text_options(
+                self._config.original_architecture, prepend_bos, padding_side, "default_padding_side", "default_prepend_bos"
+            )  # fmt: skip
             prepend = False
         else:
             prepend = default_prepend_bos(self._config.original_architecture) if prepend_bos is None else bool(prepend_bos)
