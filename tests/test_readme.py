@@ -37,5 +37,5 @@ def test_coming_from_transformer_lens_runs():
 def test_readme_opens_with_the_two_commands():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
     assert first_block[0].endswith("python -m functional_bridge")
-    assert re.match(r"^pip install .*python -m pytest$", first_block[1])
+    assert re.match(r"^pip install .*python -m pytest( -n \d+)?$", first_block[1])
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
