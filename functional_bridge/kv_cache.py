@@ -54,7 +54,7 @@ class KVCache(NamedTuple):
 
 def empty_kv_cache(params: Params, cfg: BridgeConfig, batch: int) -> KVCache:
     """A cache holding no positions, for a batch of ``batch`` rows."""
-    _refuse_encoders(cfg)
+    refuse_encoders(cfg)
     device, dtype = params_device(params), params_dtype(params)
     empty = torch.zeros(batch, 0, cfg.n_kv_heads, cfg.d_head, device=device, dtype=dtype)
     layers = tuple(empty for _ in range(cfg.n_layers))
@@ -82,7 +82,7 @@ def forward_with_kv_cache(
     are sliced after."""
     from .model import check_inputs  # model imports this module's step type
 
-    _refuse_encoders(cfg)
+    refuse_encoders(cfg)
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
     batch = tokens.shape[0]
     if kv_cache is None:
@@ -207,7 +207,7 @@ class CacheStep:
         return KVCache(keys, values, mask, self.n_real)
 
 
-def _refuse_encoders(cfg: BridgeConfig) -> None:
+def refuse_encoders(cfg: BridgeConfig) -> None:
     if family_for(cfg).forward is not None:
         raise NotImplementedError(f"{cfg.original_architecture} is not a causal decoder: it has no KV cache and cannot generate")
 
