@@ -145,14 +145,18 @@ def test_text_in_text_out_left_pads_a_batch_and_stops_at_eos():
 def test_refusals_name_the_problem():
     bridge = fb.Bridge.from_hf(tiny_model("GPT2LMHeadModel"))
     tokens = torch.tensor([[1, 2, 3]])
-    with pytest.raises(NotImplementedError, match="embeddings"):
-        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model), verbose=False)
+    with pytest.raises(ValueError, match="d_model"):
+        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model + 1), stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="freq_penalty"):
+        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model), freq_penalty=1.0, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="return_cache"):
+        bridge.generate(tokens, names_filter="hook_embed", stop_at_eos=False, verbose=False)
     with pytest.raises(ValueError, match="eos_token_id"):
         bridge.generate(tokens, verbose=False)
     with pytest.raises(ValueError, match="left padding"):
         bridge.generate(tokens, attention_mask=torch.tensor([[1, 1, 0]]), stop_at_eos=False, verbose=False)
     with pytest.raises(ValueError, match="return_type"):
-        bridge.generate(tokens, return_type="embeds", stop_at_eos=False, verbose=False)
+        bridge.generate(tokens, return_type="logits", stop_at_eos=False, verbose=False)
     with pytest.raises(NotImplementedError, match="BertForMaskedLM"):
         fb.Bridge.from_hf(tiny_model("BertForMaskedLM")).generate(tokens, stop_at_eos=False, verbose=False)
 
