@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import functional_bridge as fb
-from functional_bridge.generation_cache import generate_with_cache
 from functional_bridge.hooks import OPTIONAL_HOOKS
 from tiny_models import causal_lm_architectures, tiny_model
 from tolerance import assert_as_accurate_as, float64
@@ -59,7 +58,7 @@ def test_cache_of_the_generated_sequence_equals_run_with_cache(architecture):
     tokens, mask = _prompt(cfg)
     optional = _every_hook(cfg)
     with torch.no_grad():
-        sequence, ours = generate_with_cache(params, tokens, cfg, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+        sequence, ours = fb.generate_with_cache(params, tokens, cfg, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                              optional_hooks=optional)  # fmt: skip
         full = _grown(mask, sequence)
         _, oracle = fb.run_with_cache(params, sequence, cfg, attention_mask=full, optional_hooks=optional)
