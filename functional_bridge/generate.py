@@ -91,8 +91,9 @@ def generate_tokens(
     max_new_tokens). hooks: a HookSet or ``[(name or predicate, fn)]``, applied to every forward.
     progress: a callable wrapping the step range (a tqdm), or None. return_logits: also return
     each step's final logits [batch, n_new, d_vocab_out] (before sampling's processing).
-    make_hooks: a callable giving each step's hooks afresh (the Bridge's, whose SAE splices hold
-    per-call state), used instead of hooks. feed_last_token: also run the last sampled token
+    make_hooks: a callable giving each step's hooks afresh from the tokens that step's forward
+    runs [batch, new] (the Bridge's, whose SAE splices hold per-call state and per-token
+    exclusions), used instead of hooks. feed_last_token: also run the last sampled token
     through the model (its logits are dropped), so that the hooks have seen every position of
     the returned sequence (an activation cache of it: generation_cache.py)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -112,7 +113,7 @@ def generate_tokens(
     steps = range(max_new_tokens) if progress is None else progress(range(max_new_tokens))
     for _ in steps:
         if make_hooks is not None:
-            hooks = make_hooks()
+            hooks = make_hooks(step_tokens if use_past_kv_cache else sequence)
         if use_past_kv_cache:
             logits, cache = forward_with_kv_cache(
                 params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks
@@ -135,7 +136,7 @@ def generate_tokens(
         if stop.numel() and bool(finished.all()):
             break
     if feed_last_token:
-        hooks = make_hooks() if make_hooks is not None else hooks
+        hooks = make_hooks(step_tokens if use_past_kv_cache else sequence) if make_hooks is not None else hooks
         if use_past_kv_cache:
             forward_with_kv_cache(params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks)
         else:

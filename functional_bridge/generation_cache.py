@@ -117,8 +117,12 @@ class PromptEmbeddings:
         self.cached = cached
         self.calls = 0
 
+    def holds_prompt(self) -> bool:
+        """Whether the next forward (the next wrap) runs the prompt's positions."""
+        return not self.cached or self.calls == 0
+
     def wrap(self, hooks):
-        replace = not self.cached or self.calls == 0
+        replace = self.holds_prompt()
         self.calls += 1
         return _EmbedsFirst(hooks, self.embeds) if replace else hooks
 
@@ -188,7 +192,7 @@ def generate_with_cache(
     recorder = GenerationRecorder(select_names(cfg, names_filter, optional_hooks), use_past_kv_cache, detach)
     base = resolve_hooks(cfg, hooks, (), optional_hooks)
 
-    def make_hooks():
+    def make_hooks(step_tokens):
         table: dict[str, list] = {}
         for name, fn in recorder.step_hooks():
             table.setdefault(name, []).append(fn)

@@ -197,3 +197,31 @@ def test_an_attached_sae_acts_on_every_step(use_cache):
         sequence, full_mask = torch.cat([sequence, new], 1), torch.cat([full_mask, torch.ones_like(new)], 1)
     assert torch.equal(ours, sequence)
     assert not torch.equal(ours, bridge.generate(tokens, **kwargs))
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+def test_an_sae_bypassed_at_special_tokens_is_bypassed_on_every_step(use_cache):
+    """exclude_special_tokens (a list of ids) holds during generate as in forward: each step's
+    logits as accurate as a loop of run_with_saes with the same exclusion (float64 reference),
+    and measurably not those without it."""
+    import functional_bridge.sae as fbsae
+    from tolerance import check_above, max_diff
+
+    bridge = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
+    bridge64 = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM").double())
+    tokens, mask = _prompt(bridge.cfg)
+    torch.manual_seed(0)
+    sae = fbsae.SAE.random(fbsae.SAEConfig(architecture="standard", d_in=bridge.cfg.d_model, d_sae=32, hook_name="blocks.0.hook_resid_post"))
+    excluded = tokens[:, ::2].flatten().tolist()
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, stop_at_eos=False, attention_mask=mask, verbose=False, use_past_kv_cache=use_cache)
+    with bridge.saes([sae], exclude_special_tokens=excluded):
+        ours = bridge.generate(tokens, output_logits=True, **kwargs)
+    sequence, full_mask = ours.sequences, torch.cat([mask, torch.ones(3, NEW, dtype=mask.dtype)], 1)
+    with torch.no_grad():  # the oracle: one uncached forward of the final sequence gives every step's logits
+        loop = bridge.run_with_saes(sequence, saes=[sae], exclude_special_tokens=excluded, attention_mask=full_mask)
+        loop64 = bridge64.run_with_saes(sequence, saes=[sae.to(torch.float64)], exclude_special_tokens=excluded, attention_mask=full_mask)
+        without = bridge.run_with_saes(sequence, saes=[sae], attention_mask=full_mask)
+    steps = slice(tokens.shape[1] - 1, -1)  # the positions whose logits chose each new token
+    assert_as_accurate_as(torch.stack(ours.logits, 1), loop[:, steps], loop64[:, steps], what="exclusion")
+    check_above(max_diff(torch.stack(ours.logits, 1), without[:, steps]), 1e3 * max_diff(loop[:, steps], loop64[:, steps]),
+                "the exclusion changes the logits")  # fmt: skip

@@ -96,8 +96,10 @@ class TLGenerateMixin:
         recorder = GenerationRecorder(self._select_names(names_filter), use_past_kv_cache) if return_cache else None
         prompt = None if embeds is None else PromptEmbeddings(embeds, use_past_kv_cache)
 
-        def make_hooks():
-            hooks = self._call_hooks(fwd_hooks if recorder is None else [*fwd_hooks, *recorder.step_hooks()])
+        def make_hooks(step_tokens):
+            if prompt is not None and prompt.holds_prompt():  # placeholder ids, not tokens: -1 matches no token
+                step_tokens = torch.cat([torch.full_like(step_tokens[:, : embeds.shape[1]], -1), step_tokens[:, embeds.shape[1] :]], 1)
+            hooks = self._generation_hooks(fwd_hooks if recorder is None else [*fwd_hooks, *recorder.step_hooks()], step_tokens)
             return hooks if prompt is None else prompt.wrap(hooks)
 
         with torch.no_grad():
@@ -115,6 +117,11 @@ class TLGenerateMixin:
         from ..analysis import ActivationCache
 
         return result, ActivationCache(recorder.assemble(*prompt_steps(tokens, len(recorder.steps))), self)
+
+    def _generation_hooks(self, hooks, step_tokens: Tensor):
+        """The hooks of one generation step's forward over step_tokens [batch, new] (the SAE
+        facade adds its special-token exclusions)."""
+        return self._call_hooks(hooks)
 
     def _generated(self, out: Tensor, kind: str, return_type: str, embeds: Tensor | None, logits: Tensor | None):
         """generate's result from the whole sequence out [batch, pos + new] (placeholder ids at
