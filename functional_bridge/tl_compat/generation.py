@@ -60,6 +60,9 @@ class TLGenerateMixin:
         with embeddings as input it is refused (TL ignores it). output_logits=True (TL's one HF
         generation kwarg) returns HF's GenerateDecoderOnlyOutput(sequences, logits: one
         [batch, d_vocab] per step)."""
+        from ..kv_cache import refuse_encoders
+
+        refuse_encoders(self._config)  # (before text is tokenized as an encoder's)
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if seed is not None and generator is not None:
@@ -79,7 +82,7 @@ class TLGenerateMixin:
                 raise ValueError("freq_penalty counts the tokens so far, and embeddings as input have none: pass token ids")
             tokens, mask, kind = torch.zeros(embeds.shape[:2], dtype=torch.long, device=device), attention_mask, "embeds"
         elif isinstance(input, Tensor):
-            tokens, mask = self._model_input(input, prepend_bos, padding_side, attention_mask)
+            tokens, mask, _ = self._model_input(input, prepend_bos, padding_side, attention_mask)
             kind = "tokens"
         else:
             raise TypeError(f"input must be text, a list of texts, token ids or embeddings, got {type(input).__name__}")
