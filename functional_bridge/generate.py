@@ -138,7 +138,9 @@ def generate_tokens(
     if feed_last_token:
         hooks = make_hooks(step_tokens if use_past_kv_cache else sequence) if make_hooks is not None else hooks
         if use_past_kv_cache:
-            forward_with_kv_cache(params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks)
+            forward_with_kv_cache(
+                params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks
+            )  # fmt: skip
         else:
             _uncached_forward(params, sequence, cfg, mask, hooks, optional_hooks)
     if return_logits:
