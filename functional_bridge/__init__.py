@@ -17,6 +17,7 @@ from .func import activation_grads, masked_lm_loss, next_token_loss, per_example
 from .hooks import HookPoint, hook_names
 from .kv_cache import KVCache, empty_kv_cache, forward_with_kv_cache
 from .generate import generate_tokens, sample_logits
+from .generation_cache import generate_with_cache
 from .model import forward, run_with_cache, run_with_hooks
 from .processing import process_weights
 from .params import ParamsStructureError, check_params, stack_params, unstack_params
@@ -37,6 +38,7 @@ __all__ = [
     "empty_kv_cache",
     "forward_with_kv_cache",
     "generate_tokens",
+    "generate_with_cache",
     "sample_logits",
     "ParamsStructureError",
     "UnsupportedArchitectureError",

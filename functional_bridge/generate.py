@@ -83,6 +83,7 @@ def generate_tokens(
     progress=None,
     return_logits: bool = False,
     make_hooks=None,
+    feed_last_token: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """tokens [batch, pos] (left-padded, attention_mask [batch, pos] marking real tokens) ->
     [batch, pos + n_new]: the prompt followed by the generated tokens. A row that produced one of
@@ -90,8 +91,11 @@ def generate_tokens(
     max_new_tokens). hooks: a HookSet or ``[(name or predicate, fn)]``, applied to every forward.
     progress: a callable wrapping the step range (a tqdm), or None. return_logits: also return
     each step's final logits [batch, n_new, d_vocab_out] (before sampling's processing).
-    make_hooks: a callable giving each step's hooks afresh (the Bridge's, whose SAE splices hold
-    per-call state), used instead of hooks."""
+    make_hooks: a callable giving each step's hooks afresh from the tokens that step's forward
+    runs [batch, new] (the Bridge's, whose SAE splices hold per-call state and per-token
+    exclusions), used instead of hooks. feed_last_token: also run the last sampled token
+    through the model (its logits are dropped), so that the hooks have seen every position of
+    the returned sequence (an activation cache of it: generation_cache.py)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if tokens.dim() == 1:
@@ -110,7 +114,7 @@ def generate_tokens(
     steps = range(max_new_tokens) if progress is None else progress(range(max_new_tokens))
     for _ in steps:
         if make_hooks is not None:
-            hooks = make_hooks()
+            hooks = make_hooks(step_tokens if use_past_kv_cache else sequence)
         if use_past_kv_cache:
             if cache is None:  # the prompt, checked; then the loop's own tokens against its own cache
                 logits, cache = forward_with_kv_cache(
@@ -135,6 +139,14 @@ def generate_tokens(
         sequence, mask = torch.cat([sequence, step_tokens], dim=1), torch.cat([mask, torch.ones_like(step_tokens, dtype=torch.bool)], dim=1)
         if stop.numel() and bool(finished.all()):
             break
+    if feed_last_token:
+        hooks = make_hooks(step_tokens if use_past_kv_cache else sequence) if make_hooks is not None else hooks
+        if use_past_kv_cache:
+            forward_with_kv_cache(
+                params, step_tokens, cfg, kv_cache=cache, attention_mask=step_mask, hooks=hooks, optional_hooks=optional_hooks
+            )  # fmt: skip
+        else:
+            _uncached_forward(params, sequence, cfg, mask, hooks, optional_hooks)
     if return_logits:
         empty = torch.zeros(batch, 0, cfg.d_vocab_out, dtype=sequence.dtype, device=tokens.device)
         return sequence, torch.stack(step_logits, dim=1) if step_logits else empty

@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM
 import functional_bridge as fb
 from functional_bridge.__main__ import DEFAULT_THREADS, main
 from functional_bridge.demo import train as train_module
-from functional_bridge.demo.interpret import EvalSettings, pattern_scores
+from functional_bridge.demo.generation import GenerationSettings, continue_repeats
+from functional_bridge.demo.interpret import EvalSettings, pattern_scores, zero_heads_hook
 from functional_bridge.demo.progress import ProgressBar
 from functional_bridge.demo.run import DemoSettings, run_demo
 from functional_bridge.demo.train import TrainSettings
@@ -34,6 +35,29 @@ def test_short_run_reports_and_writes_figures(tmp_path):
     # 25 steps cannot form an induction head, and the report says so plainly
     assert any(line.startswith("no induction head formed") for line in lines)
     assert written["loss_first_half"] > 0.8 * written["loss_chance"]
+
+
+def test_generation_act_is_printed_and_equals_a_run_with_hooks_loop(tmp_path):
+    """The last act on the short run (no induction head forms in 25 steps: the best layer-1
+    candidate is ablated): printed side by side, and each continuation equals a greedy loop of
+    run_with_hooks on the growing sequence, with the heads' hook_z zeroed or not."""
+    figures, lines = short_demo(tmp_path)
+    act, bridge = figures["generation"], figures["_bridge"]
+    assert act["heads_kind"] == "best induction candidate" and act["heads"][0][0] == 1
+    printed = "\n".join(lines)
+    assert "generation (greedy, KV cache)" in printed and "best induction candidate 1." in printed
+    assert f"{act['matches']}/{act['total']} new tokens continue the repeat" in printed
+    out = continue_repeats(bridge, [tuple(h) for h in act["heads"]], GenerationSettings())
+    for key, hooks in (("continuation", ()), ("ablated", zero_heads_hook([tuple(h) for h in act["heads"]]))):
+        sequence = out["prompt"]
+        for _ in range(out["expected"].shape[1]):
+            with torch.no_grad():
+                logits = bridge.run_with_hooks(sequence, fwd_hooks=hooks)
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(out[key], sequence[:, out["prompt"].shape[1] :]), key
+    assert act["continuation"] == out["continuation"][0].tolist() and act["ablated"] == out["ablated"][0].tolist()
+    assert act["matches"] == int((out["continuation"] == out["expected"]).sum())
+    assert act["matches_ablated"] == int((out["ablated"] == out["expected"]).sum())
 
 
 def test_scores_follow_their_definition_on_a_known_pattern():
@@ -157,7 +181,9 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
 def test_default_run_forms_an_induction_head_that_the_ablation_removes(tmp_path):
     """The default schedule, at the main job's default thread count: a layer-1 induction head
     above 0.5 at repeat lengths never seen in training, no layer-0 head above 0.3, and zeroing the
-    previous-token heads halves its score and more than doubles the repeated half's loss."""
+    previous-token heads halves its score and more than doubles the repeated half's loss. The
+    last act: greedy continuations of repeats match them for more than half the new tokens
+    (seed 0: 57/80), and under a quarter as often with the induction heads zeroed (seed 0: 0/80)."""
     lines = []
     threads = torch.get_num_threads()
     torch.set_num_threads(DEFAULT_THREADS)
@@ -173,6 +199,11 @@ def test_default_run_forms_an_induction_head_that_the_ablation_removes(tmp_path)
     ablated = figures["ablation"]["induction_score_unseen"]
     assert max(ablated.values()) < 0.5 * max(unseen[1]), lines
     assert figures["ablation"]["loss_repeated_half"] > 2 * figures["loss_repeated_half"]
+    # the last act: the trained model continues the repeat, and far less with its induction heads zeroed
+    act = figures["generation"]
+    assert act["heads_kind"].startswith("induction head") and act["heads"] == figures["induction_heads"]
+    assert act["matches"] > 0.5 * act["total"] and act["matches_ablated"] < 0.25 * act["matches"], lines
+    assert any(line.startswith("over 8 sequences") for line in lines)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

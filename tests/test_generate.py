@@ -145,14 +145,18 @@ def test_text_in_text_out_left_pads_a_batch_and_stops_at_eos():
 def test_refusals_name_the_problem():
     bridge = fb.Bridge.from_hf(tiny_model("GPT2LMHeadModel"))
     tokens = torch.tensor([[1, 2, 3]])
-    with pytest.raises(NotImplementedError, match="embeddings"):
-        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model), verbose=False)
+    with pytest.raises(ValueError, match="d_model"):
+        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model + 1), stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="freq_penalty"):
+        bridge.generate(torch.randn(1, 3, bridge.cfg.d_model), freq_penalty=1.0, stop_at_eos=False, verbose=False)
+    with pytest.raises(ValueError, match="return_cache"):
+        bridge.generate(tokens, names_filter="hook_embed", stop_at_eos=False, verbose=False)
     with pytest.raises(ValueError, match="eos_token_id"):
         bridge.generate(tokens, verbose=False)
     with pytest.raises(ValueError, match="left padding"):
         bridge.generate(tokens, attention_mask=torch.tensor([[1, 1, 0]]), stop_at_eos=False, verbose=False)
     with pytest.raises(ValueError, match="return_type"):
-        bridge.generate(tokens, return_type="embeds", stop_at_eos=False, verbose=False)
+        bridge.generate(tokens, return_type="logits", stop_at_eos=False, verbose=False)
     with pytest.raises(NotImplementedError, match="BertForMaskedLM"):
         fb.Bridge.from_hf(tiny_model("BertForMaskedLM")).generate(tokens, stop_at_eos=False, verbose=False)
 
@@ -193,3 +197,31 @@ def test_an_attached_sae_acts_on_every_step(use_cache):
         sequence, full_mask = torch.cat([sequence, new], 1), torch.cat([full_mask, torch.ones_like(new)], 1)
     assert torch.equal(ours, sequence)
     assert not torch.equal(ours, bridge.generate(tokens, **kwargs))
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+def test_an_sae_bypassed_at_special_tokens_is_bypassed_on_every_step(use_cache):
+    """exclude_special_tokens (a list of ids) holds during generate as in forward: each step's
+    logits as accurate as a loop of run_with_saes with the same exclusion (float64 reference),
+    and measurably not those without it."""
+    import functional_bridge.sae as fbsae
+    from tolerance import check_above, max_diff
+
+    bridge = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
+    bridge64 = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM").double())
+    tokens, mask = _prompt(bridge.cfg)
+    torch.manual_seed(0)
+    sae = fbsae.SAE.random(fbsae.SAEConfig(architecture="standard", d_in=bridge.cfg.d_model, d_sae=32, hook_name="blocks.0.hook_resid_post"))
+    excluded = tokens[:, ::2].flatten().tolist()
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, stop_at_eos=False, attention_mask=mask, verbose=False, use_past_kv_cache=use_cache)
+    with bridge.saes([sae], exclude_special_tokens=excluded):
+        ours = bridge.generate(tokens, output_logits=True, **kwargs)
+    sequence, full_mask = ours.sequences, torch.cat([mask, torch.ones(3, NEW, dtype=mask.dtype)], 1)
+    with torch.no_grad():  # the oracle: one uncached forward of the final sequence gives every step's logits
+        loop = bridge.run_with_saes(sequence, saes=[sae], exclude_special_tokens=excluded, attention_mask=full_mask)
+        loop64 = bridge64.run_with_saes(sequence, saes=[sae.to(torch.float64)], exclude_special_tokens=excluded, attention_mask=full_mask)
+        without = bridge.run_with_saes(sequence, saes=[sae], attention_mask=full_mask)
+    steps = slice(tokens.shape[1] - 1, -1)  # the positions whose logits chose each new token
+    assert_as_accurate_as(torch.stack(ours.logits, 1), loop[:, steps], loop64[:, steps], what="exclusion")
+    check_above(max_diff(torch.stack(ours.logits, 1), without[:, steps]), 1e3 * max_diff(loop[:, steps], loop64[:, steps]),
+                "the exclusion changes the logits")  # fmt: skip

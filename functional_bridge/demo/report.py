@@ -64,6 +64,10 @@ def report_lines(figures: dict) -> list[str]:
         )
     norms = ", ".join(f"{n:.2f}" for n in figures["per_example_grad_norms"])
     lines.append(f"per-example gradient norms (vmap over 4 sequences): {norms}")
+    if figures.get("generation"):
+        from .generation import generation_lines
+
+        lines.extend(generation_lines(figures["generation"]))
     return lines
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..bridge import Bridge
+from .generation import generation_act
 from .interpret import EvalSettings, interpret
 from .report import report_lines, write_json, write_pattern_png
 from .train import TrainSettings, train
@@ -82,7 +83,7 @@ def report_act(figures: dict, out_dir: Path, out=print) -> None:
 
 
 def run_demo(settings: DemoSettings, out=print) -> dict:
-    """The main job's acts in order: build, train, interpret, report (and save with --save).
+    """The main job's acts in order: build, train, interpret, generate, report (and save with --save).
     Returns every figure, plus the trained bridge under "_bridge"."""
     out_dir = settings.out or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,12 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
     seconds["train"] = lap()
     figures = {**interpret(bridge, settings.eval), "training": training, "seconds": seconds}
     seconds["interpret"] = lap()
+    figures["generation"] = generation_act(bridge, figures)
+    seconds["generate"] = lap()
     report_act(figures, out_dir, out)
     seconds["report"] = lap()
     out(f"took {clock[-1] - clock[0]:.0f} s: building the model {seconds['build']:.0f} s, training "
-        f"{seconds['train']:.0f} s, analysis and report {seconds['interpret'] + seconds['report']:.0f} s")
+        f"{seconds['train']:.0f} s, analysis, generation and report {seconds['interpret'] + seconds['generate'] + seconds['report']:.0f} s")
     write_json(figures, out_dir / "figures.json")
     out(f"figures: {out_dir / 'figures.json'}")
     if settings.save is not None:

@@ -143,6 +143,18 @@ class SAEFacade:
         finally:
             self.__dict__.pop("_sae_masks", None)
 
+    def _generation_hooks(self, hooks, step_tokens: Tensor):
+        """One generation step's hooks, the attached SAEs bypassed at special tokens of step_tokens
+        [batch, new] as forward bypasses them (a placeholder id -1 is no token)."""
+        wanting = [a for a in self._attached.values() if a.exclude_special_tokens is not False]
+        if not wanting:
+            return super()._generation_hooks(hooks, step_tokens)
+        self.__dict__["_sae_masks"] = {id(a): self._exclusion_mask(step_tokens, a.exclude_special_tokens) for a in wanting}
+        try:
+            return super()._generation_hooks(hooks, step_tokens)
+        finally:
+            self.__dict__.pop("_sae_masks", None)
+
     def _exclusion_mask(self, tokens: Tensor, exclude: bool | list[int]) -> Tensor:
         """bool [batch, pos] (as tokens): True at the tokens the SAE is bypassed at."""
         if isinstance(exclude, (list, tuple)):

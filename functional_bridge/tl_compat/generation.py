@@ -9,12 +9,13 @@ functional_bridge.generate.generate_tokens over the functional KV cache.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..generate import generate_tokens
-from . import tokens as tok
+from ..generation_cache import GenerationRecorder, PromptEmbeddings, check_prompt_embeddings, prompt_steps, token_embeddings
 
-RETURN_TYPES = ("input", "str", "tokens")
+RETURN_TYPES = ("input", "str", "tokens", "embeds")
 
 
 class TLGenerateMixin:
@@ -40,37 +41,51 @@ class TLGenerateMixin:
         seed: int | None = None,
         generator=None,
         output_logits: bool = False,
+        return_cache: bool = False,
+        names_filter=None,
     ):
-        """HookedTransformer.generate. input: text, a list of texts, or token ids [batch, pos]
-        (left-padded; the mask as TL's get_attention_mask guesses it, or attention_mask).
-        Returns text ('str'; one string for one row), tokens [batch, pos + new] ('tokens'), or
-        the input's kind ('input'). Hooks registered on the bridge and fwd_hooks act on every
-        step. seed / generator: reproducible sampling (a generator on the params' device).
-        Differences from TL: freq_penalty counts real tokens only (TL also counts padding);
-        embeddings as input are refused. output_logits=True (TL's one HF generation kwarg) returns
-        HF's GenerateDecoderOnlyOutput(sequences, logits: one [batch, d_vocab] per step)."""
-        import torch
-
+        """HookedTransformer.generate. input: text, a list of texts, token ids [batch, pos]
+        (left-padded; the mask as TL's get_attention_mask guesses it, or attention_mask), or
+        embeddings [batch, pos, d_model] (what ``hook_embed`` holds: TL's ``model.embed(tokens)``;
+        a left-padded batch takes attention_mask). Returns text ('str'; one string for one row),
+        tokens [batch, pos + new] ('tokens'), embeddings [batch, pos + new, d_model] ('embeds'),
+        or the input's kind ('input'); as TL, from embeddings 'tokens' and 'str' hold the new
+        tokens only. Hooks registered on the bridge and fwd_hooks act on every step. seed /
+        generator: reproducible sampling (a generator on the params' device).
+        return_cache=True: (result, ActivationCache) where the cache holds the activations
+        names_filter selects (run_with_cache's) over the whole returned sequence, as
+        run_with_cache on it with the same mask and hooks gives them, assembled from the
+        generation's own forwards (plus one step for the last token; no second pass).
+        Differences from TL: freq_penalty counts real tokens only (TL also counts padding), and
+        with embeddings as input it is refused (TL ignores it). output_logits=True (TL's one HF
+        generation kwarg) returns HF's GenerateDecoderOnlyOutput(sequences, logits: one
+        [batch, d_vocab] per step)."""
         from ..kv_cache import refuse_encoders
 
         refuse_encoders(self._config)  # (before text is tokenized as an encoder's)
         if return_type not in RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {RETURN_TYPES} (embeddings are not supported), got {return_type!r}")
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
+        if names_filter is not None and not return_cache:
+            raise ValueError("names_filter selects what return_cache=True caches: pass return_cache=True too")
         device = self.cfg.device
+        embeds = None
         if isinstance(input, (str, list, tuple)):
             side = "left" if isinstance(input, (list, tuple)) and len(input) > 1 else padding_side
             tokens, mask = self._tokenize(input, prepend_bos, side)
             mask = mask if attention_mask is None else attention_mask
             kind = "str"
+        elif isinstance(input, Tensor) and input.is_floating_point():
+            embeds = check_prompt_embeddings(input, self._config, self.dtype, device)
+            if do_sample and freq_penalty:
+                raise ValueError("freq_penalty counts the tokens so far, and embeddings as input have none: pass token ids")
+            tokens, mask, kind = torch.zeros(embeds.shape[:2], dtype=torch.long, device=device), attention_mask, "embeds"
         elif isinstance(input, Tensor):
-            if input.is_floating_point():
-                raise NotImplementedError("generate from embeddings [batch, pos, d_model] is not supported: pass token ids or text")
             tokens, mask, _ = self._model_input(input, prepend_bos, padding_side, attention_mask)
             kind = "tokens"
         else:
-            raise TypeError(f"input must be text, a list of texts or a tensor of token ids, got {type(input).__name__}")
+            raise TypeError(f"input must be text, a list of texts, token ids or embeddings, got {type(input).__name__}")
         tokens = (tokens if tokens.dim() == 2 else tokens[None]).to(device)
         mask = None if mask is None else mask.reshape(tokens.shape).to(device)
         stop_tokens, pad_eos = self._stop_tokens(stop_at_eos, eos_token_id)
@@ -81,18 +96,48 @@ class TLGenerateMixin:
             from tqdm.auto import tqdm
 
             progress = tqdm
+        recorder = GenerationRecorder(self._select_names(names_filter), use_past_kv_cache) if return_cache else None
+        prompt = None if embeds is None else PromptEmbeddings(embeds, use_past_kv_cache)
+
+        def make_hooks(step_tokens):
+            if prompt is not None and prompt.holds_prompt():  # placeholder ids, not tokens: -1 matches no token
+                step_tokens = torch.cat([torch.full_like(step_tokens[:, : embeds.shape[1]], -1), step_tokens[:, embeds.shape[1] :]], 1)
+            hooks = self._generation_hooks(fwd_hooks if recorder is None else [*fwd_hooks, *recorder.step_hooks()], step_tokens)
+            return hooks if prompt is None else prompt.wrap(hooks)
+
         with torch.no_grad():
             out = generate_tokens(
-                self.params, tokens, self._config, attention_mask=mask, make_hooks=lambda: self._call_hooks(fwd_hooks),
+                self.params, tokens, self._config, attention_mask=mask, make_hooks=make_hooks,
                 max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, eos_token_for_padding=pad_eos, do_sample=do_sample,
                 top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
                 use_past_kv_cache=use_past_kv_cache, generator=generator, progress=progress, return_logits=output_logits,
+                feed_last_token=return_cache,
             )  # fmt: skip
-        if output_logits:
+            out, logits = out if output_logits else (out, None)
+            result = self._generated(out, kind, return_type, embeds, logits)
+        if not return_cache:
+            return result
+        from ..analysis import ActivationCache
+
+        return result, ActivationCache(recorder.assemble(*prompt_steps(tokens, len(recorder.steps))), self)
+
+    def _generation_hooks(self, hooks, step_tokens: Tensor):
+        """The hooks of one generation step's forward over step_tokens [batch, new] (the SAE
+        facade adds its special-token exclusions)."""
+        return self._call_hooks(hooks)
+
+    def _generated(self, out: Tensor, kind: str, return_type: str, embeds: Tensor | None, logits: Tensor | None):
+        """generate's result from the whole sequence out [batch, pos + new] (placeholder ids at
+        an embeddings prompt's positions, dropped: TL returns the new tokens only then)."""
+        if embeds is not None:
+            out = out[:, embeds.shape[1] :]
+        if logits is not None:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-            out, logits = out
             return GenerateDecoderOnlyOutput(sequences=out, logits=tuple(logits.unbind(1)))
+        if return_type == "embeds" or (return_type == "input" and kind == "embeds"):
+            new = token_embeddings(self.params, out, self._config)
+            return new if embeds is None else torch.cat([embeds, new], dim=1)
         if (return_type == "input" and kind == "tokens") or return_type == "tokens":
             return out
         tokenizer = self._require_tokenizer("generate(return_type='str')")
