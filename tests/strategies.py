@@ -287,6 +287,20 @@ def _gpt_neo_fields(draw) -> dict:
     )  # fmt: skip
 
 
+@st.composite
+def _opt_fields(draw) -> dict:
+    """OPT: pre- or post-LN blocks, an embedding width projected to d_model or not, biases or
+    none, LayerNorms with or without weights."""
+    n_heads, d_head = draw(st.integers(1, 4)), draw(st.sampled_from([4, 8, 12, 16]))
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS),
+        num_attention_heads=n_heads, hidden_size=n_heads * d_head, ffn_dim=draw(st.integers(8, 96)),
+        activation_function=draw(ACTIVATION), do_layer_norm_before=draw(st.booleans()),
+        word_embed_proj_dim=draw(st.none() | st.integers(4, 40)), enable_bias=draw(st.booleans()),
+        layer_norm_elementwise_affine=draw(st.booleans()), tie_word_embeddings=draw(st.booleans()),
+    )  # fmt: skip
+
+
 # HF class -> its config class, and the strategy for its config fields
 CONFIG_CLASSES = {
     "GPT2LMHeadModel": "GPT2Config",
@@ -307,6 +321,7 @@ CONFIG_CLASSES = {
     "Olmo2ForCausalLM": "Olmo2Config",
     "MixtralForCausalLM": "MixtralConfig",
     "GPTNeoForCausalLM": "GPTNeoConfig",
+    "OPTForCausalLM": "OPTConfig",
 }
 FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPT2LMHeadModel": _gpt2_fields,
@@ -327,6 +342,7 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "Olmo2ForCausalLM": lambda: _olmo_fields(True),
     "MixtralForCausalLM": _mixtral_fields,
     "GPTNeoForCausalLM": _gpt_neo_fields,
+    "OPTForCausalLM": _opt_fields,
 }
 
 

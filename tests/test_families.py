@@ -150,6 +150,10 @@ WRONG_SETTINGS = [
     ("gpt_neo", "base", dict(attn_scale=12**0.5)),  # GPT-Neo does not scale its scores
     ("gpt_neo", "base", dict(attn_types=None)),  # the window on every layer
     ("gpt_neo", "base", dict(window_size=5)),
+    ("opt", "base", dict(norm_placement="post_residual")),
+    ("opt", "base", dict(attn_scale=1.0)),  # HF scales the query by d_head^-0.5
+    ("opt", "post_ln_project", dict(norm_placement="pre")),
+    ("opt", "project_unbiased_weightless_untied", dict(act_fn="relu")),
 ]
 
 
@@ -192,6 +196,7 @@ def test_a_wrong_setting_fails_parity_by_a_wide_margin(family, variant, change):
          "rope_type 'longrope'"),
         ("phi", dict(hidden_act="mystery"), "hidden_act 'mystery'"),
         ("gpt_neo", dict(activation_function="mystery"), "activation_function 'mystery'"),
+        ("opt", dict(activation_function="mystery"), "activation_function 'mystery'"),
         ("gemma2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                          "original_max_position_embeddings": 32}), "rope_type 'yarn'"),
     ],
@@ -317,7 +322,7 @@ def test_hook_names_and_shapes(family):
     _, cache = bridge.run_with_cache(tokens)
     assert list(cache) == fb.hook_names(cfg)
     rotary = cfg.positional_embedding_type == "rotary"
-    assert ("hook_pos_embed" in cache) == (cfg.positional_embedding_type == "standard") == (family == "gpt_neo")
+    assert ("hook_pos_embed" in cache) == (cfg.positional_embedding_type == "standard") == (family in ("gpt_neo", "opt"))
     assert ("blocks.1.attn.hook_rot_q" in cache) == rotary
     if rotary:
         assert cache["blocks.1.attn.hook_rot_q"].shape == (2, 7, cfg.n_heads, cfg.d_head)

@@ -27,6 +27,7 @@ ORACLE_VARIANTS = [
     ("gptj", "base"), ("gptj", "full_rotary_tied"), ("gemma", "base"), ("gemma2", "base"), ("gemma3", "base"),
     ("gemma3", "capped_mha_untied"), ("phi", "base"), ("phi3", "base"), ("phi3", "mha_tied"),
     ("olmo", "base"), ("olmo2", "base"), ("mixtral", "base"), ("gpt_neo", "base"), ("gpt_neo", "global_untied"),
+    ("opt", "base"),
 ]  # fmt: skip
 BIASED_VARIANTS = [("llama", "mha_tied_bias"), ("qwen3", "mha_bias_window"), ("gemma", "mha_bias_untied")]
 # TL 3.9 computes NTK-by-parts (llama3) inverse frequencies in float32 whatever the model's dtype
@@ -46,11 +47,14 @@ CONVERTERS = {
     "Gemma3ForCausalLM": "gemma.convert_gemma_weights", "PhiForCausalLM": "phi.convert_phi_weights",
     "Phi3ForCausalLM": "phi3.convert_phi3_weights", "OlmoForCausalLM": "olmo.convert_olmo_weights",
     "Olmo2ForCausalLM": "olmo2.convert_olmo2_weights", "MixtralForCausalLM": "mixtral.convert_mixtral_weights",
-    "GPTNeoForCausalLM": "neo.convert_neo_weights",
+    "GPTNeoForCausalLM": "neo.convert_neo_weights", "OPTForCausalLM": "opt.convert_opt_weights",
 }  # fmt: skip
 # Keys TL 3.9's converter gets wrong, left out of the bitwise comparison: convert_phi3_weights
 # writes ln1.b/ln2.b as zeros of shape [d_vocab] for an RMSNorm model that has no norm biases.
 CONVERTER_BUGS = {"Phi3ForCausalLM": ("ln1.b", "ln2.b")}
+# TL keys of ours that TL 3.9 has no place for: OPT's two position rows before position 0 (its
+# converter slices them off; ours keeps them so that the TL view inverts exactly).
+NOT_IN_TL = {"OPTForCausalLM": ("pos_embed.W_pos_offset",)}
 
 
 def _rope(c) -> dict:
@@ -205,10 +209,22 @@ def _gpt_neo(hf) -> dict:
     )  # fmt: skip
 
 
+def _opt(hf) -> dict:
+    """TL's OPTForCausalLM mapping (pre-LN OPT only: TL 3.9 has no post-LN blocks, projections or
+    weightless norms)."""
+    c = hf.config
+    return dict(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads, d_mlp=c.ffn_dim,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=1e-5, d_vocab=c.vocab_size,
+        act_fn=c.activation_function, use_attn_scale=True, use_local_attn=False, scale_attn_by_inverse_layer_idx=False,
+        normalization_type="LN",
+    )  # fmt: skip
+
+
 def tl_config(hf, transformer_lens):
     arch = type(hf).__name__
     builders = {"GPTNeoXForCausalLM": _neox, "GPTJForCausalLM": _gptj, "PhiForCausalLM": _phi, "Phi3ForCausalLM": _phi3}
-    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo, GPTNeoForCausalLM=_gpt_neo)
+    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo, GPTNeoForCausalLM=_gpt_neo, OPTForCausalLM=_opt)
     builders.update(dict.fromkeys(("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"), _gemma))
     fields = builders.get(arch, _llama_like)(hf)
     dtype = next(hf.parameters()).dtype
@@ -258,7 +274,7 @@ def test_tl_weights_equal_the_conversion_and_hooked_transformer(transformer_lens
     expected = {k: v for k, v in expected.items() if k.split(".", 2)[-1] not in wrong}
     # zero biases some converters omit (OLMo's b_Q..., Phi-3's b_in...): HookedTransformer's own zeros
     hooked_zeros = {k for k in ours if k not in expected and k.rsplit(".", 1)[-1] in ("b_Q", "b_K", "b_V", "b_in", "b_out") and not ours[k].any()}
-    assert set(ours) == set(expected) | {k for k in expanded if ".attn." in k} | hooked_zeros
+    assert set(ours) == set(expected) | {k for k in expanded if ".attn." in k} | hooked_zeros | set(NOT_IN_TL.get(type(hf).__name__, ()))
     biased = (family, variant) in BIASED_VARIANTS
     for name, value in expected.items():
         assert ours[name].shape == value.shape, name
