@@ -1,5 +1,5 @@
 """Small random models of the families beyond GPT-2 (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX, GPT-J,
-Gemma 1/2/3, ..., OPT) chosen to break lazy code: grouped-query attention, head_dim != d_model /
+Gemma 1/2/3, ..., OPT, BLOOM) chosen to break lazy code: grouped-query attention, head_dim != d_model /
 n_heads, odd layer counts, partial rotary other than the default fraction, sliding windows
 shorter than the test sequences, non-default rotary bases, soft caps small enough to bind, and
 weights perturbed so a wrong setting reaches the logits."""
@@ -128,6 +128,14 @@ VARIANTS = {
                                                                  num_attention_heads=4, max_position_embeddings=64, enable_bias=False,
                                                                  word_embed_proj_dim=24, layer_norm_elementwise_affine=False,
                                                                  tie_word_embeddings=False, activation_function="gelu")),
+    },
+    # BLOOM: ALiBi (4 heads: TL 3.9's slopes are HF's only for a power of two), the embedding LayerNorm;
+    # 6 heads (HF's slopes for the two interleaved sequences) with the residual from the norm's output
+    "bloom": {
+        "base": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=4)),
+        "residual_post_ln_six_heads_untied": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=6,
+                                                                  apply_residual_connection_post_layernorm=True,
+                                                                  tie_word_embeddings=False, layer_norm_epsilon=1e-3)),
     },
     # Mixtral: routers scaled (perturb_family_) so the top-2 of 4 experts differ by token
     "mixtral": {

@@ -65,6 +65,8 @@ class ModelCase:
 
     @property
     def activation(self) -> str:
+        if self.architecture == "BloomForCausalLM":  # no option: HF's BloomGelu, the tanh approximation
+            return "gelu_fast"
         return self.fields.get("hidden_act", self.fields.get("activation_function", self.fields.get("hidden_activation")))
 
 
@@ -301,6 +303,20 @@ def _opt_fields(draw) -> dict:
     )  # fmt: skip
 
 
+@st.composite
+def _bloom_fields(draw) -> dict:
+    """BLOOM: head counts that are and are not powers of two (HF's two slope sequences), the
+    residual from the norm's output or not; pretraining_tp (which alone changes nothing) and
+    slow_but_exact, not both (refused: tests/test_families.py)."""
+    n_heads, d_head = draw(st.integers(1, 6)), draw(st.sampled_from([4, 8, 12, 16]))
+    return dict(
+        vocab_size=draw(VOCAB), n_layer=draw(LAYERS), n_head=n_heads, hidden_size=n_heads * d_head,
+        layer_norm_epsilon=draw(EPS), apply_residual_connection_post_layernorm=draw(st.booleans()),
+        **draw(st.sampled_from([dict(pretraining_tp=2), dict(slow_but_exact=True), {}])),
+        tie_word_embeddings=draw(st.booleans()),
+    )  # fmt: skip
+
+
 # HF class -> its config class, and the strategy for its config fields
 CONFIG_CLASSES = {
     "GPT2LMHeadModel": "GPT2Config",
@@ -322,6 +338,7 @@ CONFIG_CLASSES = {
     "MixtralForCausalLM": "MixtralConfig",
     "GPTNeoForCausalLM": "GPTNeoConfig",
     "OPTForCausalLM": "OPTConfig",
+    "BloomForCausalLM": "BloomConfig",
 }
 FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPT2LMHeadModel": _gpt2_fields,
@@ -343,6 +360,7 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "MixtralForCausalLM": _mixtral_fields,
     "GPTNeoForCausalLM": _gpt_neo_fields,
     "OPTForCausalLM": _opt_fields,
+    "BloomForCausalLM": _bloom_fields,
 }
 
 

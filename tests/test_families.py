@@ -154,6 +154,9 @@ WRONG_SETTINGS = [
     ("opt", "base", dict(attn_scale=1.0)),  # HF scales the query by d_head^-0.5
     ("opt", "post_ln_project", dict(norm_placement="pre")),
     ("opt", "project_unbiased_weightless_untied", dict(act_fn="relu")),
+    ("bloom", "base", dict(positional_embedding_type="standard")),  # no ALiBi bias
+    ("bloom", "base", dict(residual_from_norm=True)),
+    ("bloom", "residual_post_ln_six_heads_untied", dict(residual_from_norm=False)),
 ]
 
 
@@ -197,6 +200,8 @@ def test_a_wrong_setting_fails_parity_by_a_wide_margin(family, variant, change):
         ("phi", dict(hidden_act="mystery"), "hidden_act 'mystery'"),
         ("gpt_neo", dict(activation_function="mystery"), "activation_function 'mystery'"),
         ("opt", dict(activation_function="mystery"), "activation_function 'mystery'"),
+        ("bloom", dict(n_head=5), "divisible by n_head"),
+        ("bloom", dict(pretraining_tp=2, slow_but_exact=True), "slow_but_exact"),
         ("gemma2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                          "original_max_position_embeddings": 32}), "rope_type 'yarn'"),
     ],
