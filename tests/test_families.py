@@ -339,6 +339,30 @@ def test_hook_names_and_shapes(family):
     assert ("blocks.0.hook_resid_mid" in cache) != cfg.parallel_attn_mlp
 
 
+def test_opt_350m_shape_hooks_read_the_post_ln_stream_and_the_projections():
+    """OPT-350m's shape (post-LN, project_in/out, no final norm): ln1/ln2 hooks on the residual
+    sums, whose outputs are the stream HF's layers return; no ln_final hooks; hook_embed after
+    project_in (d_model), unembed.hook_in after project_out (d_embed), as HF's last hidden state."""
+    hf = make_family("opt", "post_ln_project")
+    bridge = fb.Bridge.from_hf(hf)
+    cfg = bridge.cfg
+    assert (cfg.norm_placement, cfg.final_norm, cfg.word_embed_proj_dim) == ("post_residual", False, 32)
+    tokens = random_tokens(2, 9, VOCAB)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens)
+        out = hf.model.decoder(tokens, output_hidden_states=True)
+        out64 = float64_copy(hf).model.decoder(tokens, output_hidden_states=True)
+    assert list(cache) == fb.hook_names(cfg) and not any(name.startswith("ln_final") for name in cache)
+    assert "blocks.0.ln1.hook_normalized" in cache and "blocks.0.ln2.hook_scale" in cache
+    assert cache["hook_embed"].shape == (2, 9, 48) and cache["unembed.hook_in"].shape == (2, 9, 32)
+    ours = {f"blocks.{layer}.hook_resid_post": cache[f"blocks.{layer}.hook_resid_post"] for layer in range(cfg.n_layers)}
+    ours["unembed.hook_in"] = cache["unembed.hook_in"]
+    hf_acts = {f"blocks.{layer}.hook_resid_post": out.hidden_states[layer + 1] for layer in range(cfg.n_layers - 1)}
+    ref_acts = {f"blocks.{layer}.hook_resid_post": out64.hidden_states[layer + 1] for layer in range(cfg.n_layers - 1)}
+    hf_acts["unembed.hook_in"], ref_acts["unembed.hook_in"] = out.last_hidden_state, out64.last_hidden_state
+    _as_accurate_or_rounding(ours, hf_acts, ref_acts, forward_depth(cfg, 9), what="activation")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_grad_per_example_equals_a_loop(family):
     """Per-example gradients of padded rows of different lengths equal each row's gradient
