@@ -363,6 +363,20 @@ def test_opt_350m_shape_hooks_read_the_post_ln_stream_and_the_projections():
     _as_accurate_or_rounding(ours, hf_acts, ref_acts, forward_depth(cfg, 9), what="activation")
 
 
+def test_opt_logit_attrs_go_through_project_out():
+    """A token's residual direction behind OPT's project_out is project_out.W @ W_U[:, token]:
+    with weightless norms and no biases the whole stream's logit attribution is HF's logit."""
+    hf = make_family("opt", "project_unbiased_weightless_untied")
+    bridge = fb.Bridge.from_hf(hf)
+    tokens, token = random_tokens(2, 7, VOCAB), 5
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens)
+        attrs = cache.logit_attrs(cache.accumulated_resid(), tokens=token)  # [n_layers + 1, batch, pos]
+        expected, ref64 = hf(tokens).logits[..., token], float64_copy(hf)(tokens).logits[..., token]
+    assert bridge.tokens_to_residual_directions(token).shape == (bridge.cfg.d_model,)
+    _as_accurate_or_rounding(attrs[-1], expected, ref64, forward_depth(bridge.cfg, 7), what="logit attribution")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_grad_per_example_equals_a_loop(family):
     """Per-example gradients of padded rows of different lengths equal each row's gradient
