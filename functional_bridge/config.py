@@ -66,6 +66,8 @@ class BridgeConfig:
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after their hooks (OLMo)
     post_embedding_ln: bool = False  # a LayerNorm on the token embedding (BLOOM)
     final_norm: bool = True  # a norm before the unembedding (OPT's post-LN models have none)
+    norm_affine: bool = True  # the LayerNorms have weights and biases (False: OPT's layer_norm_elementwise_affine=False)
+    word_embed_proj_dim: int | None = None  # OPT's embedding width when project_in/out map it to d_model; None: d_model
     residual_from_norm: bool = False  # the residual branch starts at the norm's output (BLOOM option)
     rotary_in_float32: bool = False  # 16-bit models rotate q/k in float32, cast after (OLMo's HF rotary)
     num_experts: int | None = None  # mixture-of-experts MLP (Mixtral): experts per layer

@@ -13,8 +13,9 @@ Folded norms keep their leaves, set to the identity (w = 1, b = 0): a LayerNorm 
 weights is TL's LNPre. RMS models fold only the norm weights; centring needs LayerNorm, as in TL.
 16-bit weights are processed in float32 and cast back, as TL does. As TL, options that would
 change the model are skipped with a warning: fold_ln and center_writing_weights where norms sit
-on sublayer outputs or residual sums (OLMo 2, OPT's post-LN), center_unembed under a final-logit
-soft cap (Gemma 2), whose tanh is not shift-invariant.
+on sublayer outputs or residual sums (OLMo 2, OPT's post-LN), behind OPT's embedding projections, or
+where the residual starts at the norm's output (BLOOM's apply_residual_connection_post_layernorm),
+center_unembed under a final-logit soft cap (Gemma 2), whose tanh is not shift-invariant.
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def _applicable(cfg: BridgeConfig, fold_ln: bool, center_writing: bool, center_u
         for name, requested in (("fold_ln", fold_ln), ("center_writing_weights", center_writing)):
             if requested:
                 warnings.warn(f"{name} skipped: {arch}'s norms are not on the sublayer inputs, so it would change the model")
+        fold_ln = center_writing = False
+    reasons = []
+    if cfg.word_embed_proj_dim is not None:
+        reasons.append("project_in/project_out sit between the embedding, the final norm and the unembedding")
+    if cfg.residual_from_norm:
+        reasons.append("residual branches start at the norms' outputs (apply_residual_connection_post_layernorm)")
+    for reason in reasons[:1]:
+        for name, requested in (("fold_ln", fold_ln), ("center_writing_weights", center_writing)):
+            if requested:
+                warnings.warn(f"{name} skipped: {arch}'s {reason}, so it would change the model")
         fold_ln = center_writing = False
     if center_unembed and cfg.output_logits_soft_cap is not None:
         warnings.warn(f"center_unembed skipped: {arch}'s final-logit soft cap is not invariant to shifting the logits")

@@ -1,5 +1,5 @@
 """Small random models of the families beyond GPT-2 (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX, GPT-J,
-Gemma 1/2/3, ...) chosen to break lazy code: grouped-query attention, head_dim != d_model /
+Gemma 1/2/3, ..., OPT, BLOOM) chosen to break lazy code: grouped-query attention, head_dim != d_model /
 n_heads, odd layer counts, partial rotary other than the default fraction, sliding windows
 shorter than the test sequences, non-default rotary bases, soft caps small enough to bind, and
 weights perturbed so a wrong setting reaches the logits."""
@@ -115,6 +115,27 @@ VARIANTS = {
         "global_untied": (T.GPTNeoConfig, dict(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_heads=3, max_position_embeddings=64,
                                                attention_types=[[["global"], 2]], tie_word_embeddings=False,
                                                activation_function="gelu")),
+    },
+    # OPT: ReLU, positions offset by 2; OPT-350m's post-LN blocks with project_in/project_out and no
+    # final norm; projections before a final norm, no biases, weightless norms (TL 3.9 runs only "base")
+    "opt": {
+        "base": (T.OPTConfig, dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=80, num_hidden_layers=3, num_attention_heads=4,
+                                   max_position_embeddings=64)),
+        "post_ln_project": (T.OPTConfig, dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=80, num_hidden_layers=3,
+                                              num_attention_heads=3, max_position_embeddings=64, do_layer_norm_before=False,
+                                              word_embed_proj_dim=32)),
+        "project_unbiased_weightless_untied": (T.OPTConfig, dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=80, num_hidden_layers=2,
+                                                                 num_attention_heads=4, max_position_embeddings=64, enable_bias=False,
+                                                                 word_embed_proj_dim=24, layer_norm_elementwise_affine=False,
+                                                                 tie_word_embeddings=False, activation_function="gelu")),
+    },
+    # BLOOM: ALiBi (4 heads: TL 3.9's slopes are HF's only for a power of two), the embedding LayerNorm;
+    # 6 heads (HF's slopes for the two interleaved sequences) with the residual from the norm's output
+    "bloom": {
+        "base": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=4)),
+        "residual_post_ln_six_heads_untied": (T.BloomConfig, dict(vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=6,
+                                                                  apply_residual_connection_post_layernorm=True,
+                                                                  tie_word_embeddings=False, layer_norm_epsilon=1e-3)),
     },
     # Mixtral: routers scaled (perturb_family_) so the top-2 of 4 experts differ by token
     "mixtral": {

@@ -77,7 +77,7 @@ def hooked_float64(model):
     return model64.double()
 
 
-def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64, adapt=None):
+def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.float64, adapt=None, align=None):
     """Every cached activation (and the logits) of ``bridge`` equals HookedTransformer ``model``'s,
     same names in the same order, masked attention scores -inf in both. Returns (logits, cache,
     HookedTransformer's logits). Grounded (tests/tolerance.py): in float32 each activation is no
@@ -85,7 +85,8 @@ def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.flo
     is; in float64 both are within rounding (of ``float64_precision``: float32 where the oracle
     computes a part in float32 whatever the dtype) at the largest activation's magnitude over the
     forward's depth. adapt: applied to the bridge's cache first (e.g. to take the rows of
-    HookedTransformer's data-dependent per-expert hooks)."""
+    HookedTransformer's data-dependent per-expert hooks). align(name, activation): applied to
+    both sides' activations before comparing (e.g. to remove a per-row constant softmax ignores)."""
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, attention_mask=mask)
         cache = cache if adapt is None else adapt(cache)
@@ -94,6 +95,8 @@ def assert_caches_equal(bridge, model, tokens, mask, float64_precision=torch.flo
     for name, value in tl_cache.items():
         assert cache[name].shape == value.shape, name
     ours, theirs = {**cache, "logits": logits}, {**dict(tl_cache.items()), "logits": tl_logits}
+    if align is not None:
+        ours, theirs = ({name: align(name, value) for name, value in side.items()} for side in (ours, theirs))
     for name in [name for name, value in theirs.items() if not value.is_floating_point()]:  # MoE routing indices
         assert torch.equal(ours.pop(name), theirs.pop(name)), name
     if logits.dtype == torch.float64:

@@ -65,6 +65,8 @@ class ModelCase:
 
     @property
     def activation(self) -> str:
+        if self.architecture == "BloomForCausalLM":  # no option: HF's BloomGelu, the tanh approximation
+            return "gelu_fast"
         return self.fields.get("hidden_act", self.fields.get("activation_function", self.fields.get("hidden_activation")))
 
 
@@ -287,6 +289,34 @@ def _gpt_neo_fields(draw) -> dict:
     )  # fmt: skip
 
 
+@st.composite
+def _opt_fields(draw) -> dict:
+    """OPT: pre- or post-LN blocks, an embedding width projected to d_model or not, biases or
+    none, LayerNorms with or without weights."""
+    n_heads, d_head = draw(st.integers(1, 4)), draw(st.sampled_from([4, 8, 12, 16]))
+    return dict(
+        vocab_size=draw(VOCAB), max_position_embeddings=draw(N_CTX), num_hidden_layers=draw(LAYERS),
+        num_attention_heads=n_heads, hidden_size=n_heads * d_head, ffn_dim=draw(st.integers(8, 96)),
+        activation_function=draw(ACTIVATION), do_layer_norm_before=draw(st.booleans()),
+        word_embed_proj_dim=draw(st.none() | st.integers(4, 40)), enable_bias=draw(st.booleans()),
+        layer_norm_elementwise_affine=draw(st.booleans()), tie_word_embeddings=draw(st.booleans()),
+    )  # fmt: skip
+
+
+@st.composite
+def _bloom_fields(draw) -> dict:
+    """BLOOM: head counts that are and are not powers of two (HF's two slope sequences), the
+    residual from the norm's output or not; pretraining_tp (which alone changes nothing) and
+    slow_but_exact, not both (refused: tests/test_families.py)."""
+    n_heads, d_head = draw(st.integers(1, 6)), draw(st.sampled_from([4, 8, 12, 16]))
+    return dict(
+        vocab_size=draw(VOCAB), n_layer=draw(LAYERS), n_head=n_heads, hidden_size=n_heads * d_head,
+        layer_norm_epsilon=draw(EPS), apply_residual_connection_post_layernorm=draw(st.booleans()),
+        **draw(st.sampled_from([dict(pretraining_tp=2), dict(slow_but_exact=True), {}])),
+        tie_word_embeddings=draw(st.booleans()),
+    )  # fmt: skip
+
+
 # HF class -> its config class, and the strategy for its config fields
 CONFIG_CLASSES = {
     "GPT2LMHeadModel": "GPT2Config",
@@ -307,6 +337,8 @@ CONFIG_CLASSES = {
     "Olmo2ForCausalLM": "Olmo2Config",
     "MixtralForCausalLM": "MixtralConfig",
     "GPTNeoForCausalLM": "GPTNeoConfig",
+    "OPTForCausalLM": "OPTConfig",
+    "BloomForCausalLM": "BloomConfig",
 }
 FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "GPT2LMHeadModel": _gpt2_fields,
@@ -327,6 +359,8 @@ FIELDS: dict[str, Callable[[], st.SearchStrategy[dict]]] = {
     "Olmo2ForCausalLM": lambda: _olmo_fields(True),
     "MixtralForCausalLM": _mixtral_fields,
     "GPTNeoForCausalLM": _gpt_neo_fields,
+    "OPTForCausalLM": _opt_fields,
+    "BloomForCausalLM": _bloom_fields,
 }
 
 

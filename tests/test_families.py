@@ -150,6 +150,13 @@ WRONG_SETTINGS = [
     ("gpt_neo", "base", dict(attn_scale=12**0.5)),  # GPT-Neo does not scale its scores
     ("gpt_neo", "base", dict(attn_types=None)),  # the window on every layer
     ("gpt_neo", "base", dict(window_size=5)),
+    ("opt", "base", dict(norm_placement="post_residual")),
+    ("opt", "base", dict(attn_scale=1.0)),  # HF scales the query by d_head^-0.5
+    ("opt", "post_ln_project", dict(norm_placement="pre")),
+    ("opt", "project_unbiased_weightless_untied", dict(act_fn="relu")),
+    ("bloom", "base", dict(positional_embedding_type="standard")),  # no ALiBi bias
+    ("bloom", "base", dict(residual_from_norm=True)),
+    ("bloom", "residual_post_ln_six_heads_untied", dict(residual_from_norm=False)),
 ]
 
 
@@ -192,6 +199,9 @@ def test_a_wrong_setting_fails_parity_by_a_wide_margin(family, variant, change):
          "rope_type 'longrope'"),
         ("phi", dict(hidden_act="mystery"), "hidden_act 'mystery'"),
         ("gpt_neo", dict(activation_function="mystery"), "activation_function 'mystery'"),
+        ("opt", dict(activation_function="mystery"), "activation_function 'mystery'"),
+        ("bloom", dict(n_head=5), "divisible by n_head"),
+        ("bloom", dict(pretraining_tp=2, slow_but_exact=True), "slow_but_exact"),
         ("gemma2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                          "original_max_position_embeddings": 32}), "rope_type 'yarn'"),
     ],
@@ -317,7 +327,7 @@ def test_hook_names_and_shapes(family):
     _, cache = bridge.run_with_cache(tokens)
     assert list(cache) == fb.hook_names(cfg)
     rotary = cfg.positional_embedding_type == "rotary"
-    assert ("hook_pos_embed" in cache) == (cfg.positional_embedding_type == "standard") == (family == "gpt_neo")
+    assert ("hook_pos_embed" in cache) == (cfg.positional_embedding_type == "standard") == (family in ("gpt_neo", "opt"))
     assert ("blocks.1.attn.hook_rot_q" in cache) == rotary
     if rotary:
         assert cache["blocks.1.attn.hook_rot_q"].shape == (2, 7, cfg.n_heads, cfg.d_head)
@@ -327,6 +337,44 @@ def test_hook_names_and_shapes(family):
     assert ("blocks.0.mlp.hook_pre_linear" in cache) == (cfg.gated_mlp and cfg.num_experts is None)
     assert ("blocks.0.mlp.experts.0.hook_post" in cache) == (family == "mixtral")
     assert ("blocks.0.hook_resid_mid" in cache) != cfg.parallel_attn_mlp
+
+
+def test_opt_350m_shape_hooks_read_the_post_ln_stream_and_the_projections():
+    """OPT-350m's shape (post-LN, project_in/out, no final norm): ln1/ln2 hooks on the residual
+    sums, whose outputs are the stream HF's layers return; no ln_final hooks; hook_embed after
+    project_in (d_model), unembed.hook_in after project_out (d_embed), as HF's last hidden state."""
+    hf = make_family("opt", "post_ln_project")
+    bridge = fb.Bridge.from_hf(hf)
+    cfg = bridge.cfg
+    assert (cfg.norm_placement, cfg.final_norm, cfg.word_embed_proj_dim) == ("post_residual", False, 32)
+    tokens = random_tokens(2, 9, VOCAB)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens)
+        out = hf.model.decoder(tokens, output_hidden_states=True)
+        out64 = float64_copy(hf).model.decoder(tokens, output_hidden_states=True)
+    assert list(cache) == fb.hook_names(cfg) and not any(name.startswith("ln_final") for name in cache)
+    assert "blocks.0.ln1.hook_normalized" in cache and "blocks.0.ln2.hook_scale" in cache
+    assert cache["hook_embed"].shape == (2, 9, 48) and cache["unembed.hook_in"].shape == (2, 9, 32)
+    ours = {f"blocks.{layer}.hook_resid_post": cache[f"blocks.{layer}.hook_resid_post"] for layer in range(cfg.n_layers)}
+    ours["unembed.hook_in"] = cache["unembed.hook_in"]
+    hf_acts = {f"blocks.{layer}.hook_resid_post": out.hidden_states[layer + 1] for layer in range(cfg.n_layers - 1)}
+    ref_acts = {f"blocks.{layer}.hook_resid_post": out64.hidden_states[layer + 1] for layer in range(cfg.n_layers - 1)}
+    hf_acts["unembed.hook_in"], ref_acts["unembed.hook_in"] = out.last_hidden_state, out64.last_hidden_state
+    _as_accurate_or_rounding(ours, hf_acts, ref_acts, forward_depth(cfg, 9), what="activation")
+
+
+def test_opt_logit_attrs_go_through_project_out():
+    """A token's residual direction behind OPT's project_out is project_out.W @ W_U[:, token]:
+    with weightless norms and no biases the whole stream's logit attribution is HF's logit."""
+    hf = make_family("opt", "project_unbiased_weightless_untied")
+    bridge = fb.Bridge.from_hf(hf)
+    tokens, token = random_tokens(2, 7, VOCAB), 5
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens)
+        attrs = cache.logit_attrs(cache.accumulated_resid(), tokens=token)  # [n_layers + 1, batch, pos]
+        expected, ref64 = hf(tokens).logits[..., token], float64_copy(hf)(tokens).logits[..., token]
+    assert bridge.tokens_to_residual_directions(token).shape == (bridge.cfg.d_model,)
+    _as_accurate_or_rounding(attrs[-1], expected, ref64, forward_depth(bridge.cfg, 7), what="logit attribution")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -197,7 +197,7 @@ def test_padded_rows_equal_each_row_alone(arch, data):
 
 # HF models whose hidden_states[-1] is after the final norm whatever tie_last_hidden_states says
 # (their forward appends it after ln_f): the last block's output is not compared there.
-LAST_HIDDEN_NORMED = ("GPTNeoForCausalLM",)
+LAST_HIDDEN_NORMED = ("GPTNeoForCausalLM", "BloomForCausalLM")
 
 
 def _hf_activations(output, n_layers: int, causal: bool, last_normed: bool = False) -> dict:

@@ -42,6 +42,8 @@ CONFIGS = {
     "MixtralForCausalLM": ("MixtralConfig", dict(LLAMA_LIKE, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)),
     "GPTNeoForCausalLM": ("GPTNeoConfig", dict(hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, **SMALL,
                                                attention_types=[[["global", "local"], 1]], window_size=4)),
+    "OPTForCausalLM": ("OPTConfig", dict(hidden_size=48, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4, **SMALL)),
+    "BloomForCausalLM": ("BloomConfig", dict(hidden_size=48, n_layer=2, n_head=4, vocab_size=97)),
     # Gemma: d_model 64 (sqrt(d_model) exact in every dtype), one local and one global layer
     "GemmaForCausalLM": ("GemmaConfig", dict(GEMMA_LIKE)),
     "Gemma2ForCausalLM": ("Gemma2Config", dict(GEMMA_LIKE, sliding_window=4, layer_types=GEMMA_TYPES, query_pre_attn_scalar=16,

@@ -283,8 +283,11 @@ def stream_bias(cache, layer: int, mlp_input: bool, include_mlp_biases: bool, po
 def tokens_to_residual_directions(tl: Mapping[str, Tensor], tokens, to_single_token: Callable | None = None) -> Tensor:
     """The unembedding column of each token, as HookedTransformer.tokens_to_residual_directions:
     [d_model] for one token (an int, a one-element tensor, or a string when ``to_single_token``
-    is given), [*tokens.shape, d_model] for a tensor of several."""
-    W_U = tl["unembed.W_U"]  # [d_model, d_vocab_out]
+    is given), [*tokens.shape, d_model] for a tensor of several. Through OPT's project_out where
+    the model has one (the residual direction is project_out.W @ W_U)."""
+    W_U = tl["unembed.W_U"]  # [d_model, d_vocab_out] ([d_embed, d_vocab_out] behind a project_out)
+    if "project_out.W" in tl:
+        W_U = tl["project_out.W"] @ W_U  # [d_model, d_embed] @ [d_embed, d_vocab_out]
     if isinstance(tokens, Tensor) and tokens.numel() > 1:
         return W_U[:, tokens].movedim(0, -1)
     if isinstance(tokens, str):

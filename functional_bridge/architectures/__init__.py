@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..config import BridgeConfig
-from . import bert, gemma, gpt2, gpt_neo, gptj, llama, neox, olmo, phi, phi3
+from . import bert, bloom, gemma, gpt2, gpt_neo, gptj, llama, neox, olmo, opt, phi, phi3
 from .family import CAUSAL_LM, Family
 
 FAMILIES: tuple[Family, ...] = (
     gpt2.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, neox.FAMILY, gptj.FAMILY,
     gemma.GEMMA, gemma.GEMMA_2, gemma.GEMMA_3, phi.FAMILY, phi3.FAMILY, olmo.OLMO, olmo.OLMO_2,
-    llama.MIXTRAL, gpt_neo.FAMILY, bert.FOR_MASKED_LM, bert.FOR_PRETRAINING,
+    llama.MIXTRAL, gpt_neo.FAMILY, opt.FAMILY, bloom.FAMILY, bert.FOR_MASKED_LM, bert.FOR_PRETRAINING,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.hf_architectures}

@@ -27,6 +27,7 @@ ORACLE_VARIANTS = [
     ("gptj", "base"), ("gptj", "full_rotary_tied"), ("gemma", "base"), ("gemma2", "base"), ("gemma3", "base"),
     ("gemma3", "capped_mha_untied"), ("phi", "base"), ("phi3", "base"), ("phi3", "mha_tied"),
     ("olmo", "base"), ("olmo2", "base"), ("mixtral", "base"), ("gpt_neo", "base"), ("gpt_neo", "global_untied"),
+    ("opt", "base"), ("bloom", "base"),
 ]  # fmt: skip
 BIASED_VARIANTS = [("llama", "mha_tied_bias"), ("qwen3", "mha_bias_window"), ("gemma", "mha_bias_untied")]
 # TL 3.9 computes NTK-by-parts (llama3) inverse frequencies in float32 whatever the model's dtype
@@ -38,6 +39,8 @@ FLOAT32_ROUTER = [("mixtral", "base")]
 # TL 3.9's convert_gemma_weights computes Gemma's (1 + w) norm weights in float32 whatever the
 # model's dtype (tl_weights keeps float64 leaves float64).
 FLOAT32_NORMS = [(family, variant) for family, variant in ORACLE_VARIANTS if family.startswith("gemma")]
+# TL 3.9 builds its ALiBi bias in float32 whatever the model's dtype (create_alibi_bias).
+FLOAT32_ALIBI = [("bloom", "base")]
 CONVERTERS = {
     "LlamaForCausalLM": "llama.convert_llama_weights", "MistralForCausalLM": "mistral.convert_mistral_weights",
     "Qwen2ForCausalLM": "qwen2.convert_qwen2_weights", "Qwen3ForCausalLM": "qwen3.convert_qwen3_weights",
@@ -46,11 +49,15 @@ CONVERTERS = {
     "Gemma3ForCausalLM": "gemma.convert_gemma_weights", "PhiForCausalLM": "phi.convert_phi_weights",
     "Phi3ForCausalLM": "phi3.convert_phi3_weights", "OlmoForCausalLM": "olmo.convert_olmo_weights",
     "Olmo2ForCausalLM": "olmo2.convert_olmo2_weights", "MixtralForCausalLM": "mixtral.convert_mixtral_weights",
-    "GPTNeoForCausalLM": "neo.convert_neo_weights",
+    "GPTNeoForCausalLM": "neo.convert_neo_weights", "OPTForCausalLM": "opt.convert_opt_weights",
+    "BloomForCausalLM": "bloom.convert_bloom_weights",
 }  # fmt: skip
 # Keys TL 3.9's converter gets wrong, left out of the bitwise comparison: convert_phi3_weights
 # writes ln1.b/ln2.b as zeros of shape [d_vocab] for an RMSNorm model that has no norm biases.
 CONVERTER_BUGS = {"Phi3ForCausalLM": ("ln1.b", "ln2.b")}
+# TL keys of ours that TL 3.9 has no place for: OPT's two position rows before position 0 (its
+# converter slices them off; ours keeps them so that the TL view inverts exactly).
+NOT_IN_TL = {"OPTForCausalLM": ("pos_embed.W_pos_offset",)}
 
 
 def _rope(c) -> dict:
@@ -205,10 +212,32 @@ def _gpt_neo(hf) -> dict:
     )  # fmt: skip
 
 
+def _opt(hf) -> dict:
+    """TL's OPTForCausalLM mapping (pre-LN OPT only: TL 3.9 has no post-LN blocks, projections or
+    weightless norms)."""
+    c = hf.config
+    return dict(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads, d_mlp=c.ffn_dim,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=1e-5, d_vocab=c.vocab_size,
+        act_fn=c.activation_function, use_attn_scale=True, use_local_attn=False, scale_attn_by_inverse_layer_idx=False,
+        normalization_type="LN",
+    )  # fmt: skip
+
+
+def _bloom(hf) -> dict:
+    """TL's BloomForCausalLM mapping: ALiBi, the embedding LayerNorm, gelu_fast, d_mlp 4 * d_model."""
+    c = hf.config
+    return dict(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.n_head, n_heads=c.n_head, d_mlp=4 * c.hidden_size, n_layers=c.n_layer,
+        n_ctx=2048, d_vocab=c.vocab_size, act_fn="gelu_fast", eps=c.layer_norm_epsilon, normalization_type="LN",
+        post_embedding_ln=True, positional_embedding_type="alibi",
+    )  # fmt: skip
+
+
 def tl_config(hf, transformer_lens):
     arch = type(hf).__name__
     builders = {"GPTNeoXForCausalLM": _neox, "GPTJForCausalLM": _gptj, "PhiForCausalLM": _phi, "Phi3ForCausalLM": _phi3}
-    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo, GPTNeoForCausalLM=_gpt_neo)
+    builders.update(OlmoForCausalLM=_olmo, Olmo2ForCausalLM=_olmo, GPTNeoForCausalLM=_gpt_neo, OPTForCausalLM=_opt, BloomForCausalLM=_bloom)
     builders.update(dict.fromkeys(("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"), _gemma))
     fields = builders.get(arch, _llama_like)(hf)
     dtype = next(hf.parameters()).dtype
@@ -256,9 +285,9 @@ def test_tl_weights_equal_the_conversion_and_hooked_transformer(transformer_lens
     expanded = {k for k in family_for(bridge.cfg).tl_derived_keys(bridge.cfg) if k != "unembed.W_U"}
     wrong = CONVERTER_BUGS.get(type(hf).__name__, ())
     expected = {k: v for k, v in expected.items() if k.split(".", 2)[-1] not in wrong}
-    # zero biases some converters omit (OLMo's b_Q..., Phi-3's b_in...): HookedTransformer's own zeros
-    hooked_zeros = {k for k in ours if k not in expected and k.rsplit(".", 1)[-1] in ("b_Q", "b_K", "b_V", "b_in", "b_out") and not ours[k].any()}
-    assert set(ours) == set(expected) | {k for k in expanded if ".attn." in k} | hooked_zeros
+    # zero biases some converters omit (OLMo's b_Q..., Phi-3's b_in..., BLOOM's b_U): HookedTransformer's own zeros
+    hooked_zeros = {k for k in ours if k not in expected and k.rsplit(".", 1)[-1] in ("b_Q", "b_K", "b_V", "b_in", "b_out", "b_U") and not ours[k].any()}
+    assert set(ours) == set(expected) | {k for k in expanded if ".attn." in k} | hooked_zeros | set(NOT_IN_TL.get(type(hf).__name__, ()))
     biased = (family, variant) in BIASED_VARIANTS
     for name, value in expected.items():
         assert ours[name].shape == value.shape, name
@@ -287,6 +316,18 @@ def test_tl_weights_are_differentiable_views_of_the_leaves(family, variant):
     assert grad.abs().sum() == 1
 
 
+def _max_shifted_scores(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Attention scores [batch, head, query_pos, key_pos] less each row's largest finite score.
+    Right padding with ALiBi: at a padding query TL's bias counts the query's index in the padded
+    row, the bridge its position among real tokens (the last real one's), a constant per row that
+    softmax ignores (the patterns, compared as they are, agree); real rows are compared unshifted
+    with no padding and with left padding."""
+    if not name.endswith("hook_attn_scores"):
+        return x
+    row_max = x.masked_fill(~x.isfinite(), float("-inf")).amax(-1, keepdim=True)
+    return x - row_max.masked_fill(~row_max.isfinite(), 0.0)
+
+
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("family,variant", ORACLE_VARIANTS)
 def test_every_cached_activation_equals_hooked_transformer(transformer_lens, family, variant, padding):
@@ -298,9 +339,10 @@ def test_every_cached_activation_equals_hooked_transformer(transformer_lens, fam
     model = hooked_transformer(hf, transformer_lens)
     tokens = random_tokens(3, 12, VOCAB)
     mask = padding_mask([12, 9, 7], padding) if padding else None
-    precision = torch.float32 if (family, variant) in FLOAT32_FREQUENCIES + FLOAT32_ROUTER + FLOAT32_NORMS else torch.float64
+    precision = torch.float32 if (family, variant) in FLOAT32_FREQUENCIES + FLOAT32_ROUTER + FLOAT32_NORMS + FLOAT32_ALIBI else torch.float64
     adapt = routed_rows(bridge.cfg) if bridge.cfg.num_experts else None
-    logits, cache, tl_logits = assert_caches_equal(bridge, model, tokens, mask, float64_precision=precision, adapt=adapt)
+    align = _max_shifted_scores if bridge.cfg.positional_embedding_type == "alibi" and padding == "right" else None
+    logits, cache, tl_logits = assert_caches_equal(bridge, model, tokens, mask, float64_precision=precision, adapt=adapt, align=align)
     assert logits.dtype == tl_logits.dtype == torch.float64
     assert list(cache) == fb.hook_names(bridge.cfg)
 
