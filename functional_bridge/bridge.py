@@ -25,7 +25,8 @@ from .architectures import config_from_hf, family_for, hf_architecture
 from .config import BridgeConfig
 from .hf_io import build_hf_model, describe_leaves, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
-from .params import ParamsStructureError, check_params, params_device, params_dtype
+from .params import ParamsStructureError, check_params, params_dtype
+from .placement import input_device
 from .sae.facade import SAEFacade
 from .tl_compat import TLFacade
 from .tl_compat.config import plain_config
@@ -41,7 +42,7 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
         super().__init__()
         cfg = plain_config(cfg)
         check_params(params, cfg)
-        params_device(params)
+        input_device(params, cfg)  # one device, or whole blocks placed on devices (placement.py)
         self.cfg = cfg
         self._hf_config = hf_config
         for name, tensor in params.items():
@@ -117,7 +118,8 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return params_device(self.params)
+        """The leaves' device; for leaves placed by layer, the embedding's (where inputs go)."""
+        return input_device(self.params, self.cfg)
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
         """Load HF-keyed tensors. Everything is checked before anything is written, so a bad

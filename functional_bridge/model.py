@@ -35,7 +35,8 @@ from .components.precision import upcast
 from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
-from .params import Params, check_params, params_device, params_dtype
+from .params import Params, check_params, params_dtype
+from .placement import TableCache, block_device, input_device
 
 Hooks = Iterable[tuple[NameOrFilter, HookFn]]
 
@@ -141,7 +142,7 @@ def check_inputs(
     mask) gets batch 1. Raises before any work, naming the shapes as they were passed.
     residual=True: ``tokens`` is a residual stream [batch, pos, d_model] (start_at_layer)."""
     check_params(params, cfg)
-    device = params_device(params)
+    device = input_device(params, cfg)  # leaves placed by layer: the embedding's device
     params_dtype(params)  # mixed floating dtypes: the clear error bridge.dtype gives
     if residual:
         return _check_residual(tokens, cfg, attention_mask, device)
@@ -276,34 +277,35 @@ def transformer(
         resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks)
     else:
         resid = tokens  # [batch, pos, d_model]
-    rotaries = {}  # rotary tables per kind of layer (global, or local with its own base)
-    masks = {}  # one mask per distinct window span, shared by the layers that use it
+    # masks: one per distinct window span; rotary tables: one per kind of layer (global, or local
+    # with its own base); each built on the input device, copied to any other a block is on
+    tables = TableCache()
     in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
     bias = None
     if cfg.positional_embedding_type == "alibi":
         bias = alibi_bias(positions, cfg.n_heads) if kv_step is None else kv_step.alibi(cfg.n_heads)
+
+    def build_mask(window):
+        mask = build_attention_mask(seq, attention_mask, device, window, in_transform) if kv_step is None else kv_step.attention_mask(window, in_transform)
+        return mask if bias is None else mask._replace(bias=bias)
+
     for layer in layer_range(cfg, start_at_layer, stop_at_layer):
+        w = family.layer_weights(params, cfg, layer)
+        here = block_device(w)  # leaves placed by layer: the residual stream follows the block
+        resid = resid.to(here)
         window = cfg.layer_window(layer)
-        if window not in masks:
-            if kv_step is None:
-                masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
-            else:
-                masks[window] = kv_step.attention_mask(window, in_transform)
-            if bias is not None:
-                masks[window] = masks[window]._replace(bias=bias)
+        mask = tables.get(("mask", window), here, lambda: build_mask(window))
         rotary = None
         if cfg.positional_embedding_type == "rotary":
             local = cfg.layer_uses_local_rope(layer)
-            if local not in rotaries:
-                dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
-                rotaries[local] = rotary_tables(positions, cfg, dtype, local)
-            rotary = rotaries[local]
+            dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
+            rotary = tables.get(("rotary", local), here, lambda: rotary_tables(positions, cfg, dtype, local))
         extend_kv = None if kv_step is None else kv_step.layer(layer)
-        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary, extend_kv)
+        resid = block(resid, w, cfg, layer, mask, hooks, rotary, extend_kv)
     if stop_at_layer is not None:
         return resid
     final = family.unembed_weights(params, cfg)
-    x = resid
+    x = resid.to(block_device(final))
     if final.ln_final is not None:
         x = apply_norm(x, final.ln_final, cfg.eps, hooks, "ln_final.hook_scale", "ln_final.hook_normalized")
     if not unembed:

@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import Tensor
 
 from ..analysis.residual import tokens_to_residual_directions
-from ..params import params_device
+from ..placement import input_device
 from ..weights import tl_weights
 from . import tokens as tok
 
@@ -48,7 +48,7 @@ class TLTextMixin:
             max_length=self._config.n_ctx if truncate else None,
         )  # fmt: skip
         if move_to_device:
-            device = params_device(self.params)
+            device = input_device(self.params, self._config)  # leaves placed by layer: the embedding's
             tokens, mask = tokens.to(device), mask.to(device)
         return tokens, mask
 
