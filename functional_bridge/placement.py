@@ -55,9 +55,9 @@ def layer_placement(params: Params, cfg: BridgeConfig) -> tuple[torch.device, li
         for leaf in leaves:
             where.setdefault(leaf.device, names.get(id(leaf), "a derived tensor"))
         if len(where) != 1:
-            listed = ", ".join(f"{name} on {device}" for device, name in where.items())
+            listed = ", ".join(f"{device} (e.g. {name})" for device, name in where.items())
             raise ValueError(
-                f"params are on mixed devices within {label} ({listed}): a forward can place whole blocks "
+                f"params are on mixed devices: {listed}, within {label}: a forward can place whole blocks "
                 f"on devices (a device map by layer), not split one; move them with .to(device) or place_leaves"
             )
         found.append(next(iter(where)))

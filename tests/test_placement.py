@@ -97,7 +97,7 @@ def test_a_block_split_over_devices_is_refused_by_name():
     bridge = untied("LlamaForCausalLM")
     split = place_leaves(bridge.params, {"": "cpu", "model.layers.1.mlp": "meta"})
     tokens = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"within block 1 .*model\.layers\.1\.mlp\.\w+_proj\.weight on meta"):
+    with pytest.raises(ValueError, match=r"mixed devices: .*meta \(e\.g\. model\.layers\.1\.mlp\.\w+_proj\.weight\), within block 1"):
         fb.forward(split, tokens, bridge.cfg)
     with pytest.raises(ValueError, match="within block 1"):
         fb.Bridge(split, bridge.cfg)
