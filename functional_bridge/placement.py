@@ -33,8 +33,10 @@ def input_device(params: Params, cfg: BridgeConfig) -> torch.device:
     placed by layer, the embedding's. Leaves spread in any other way get params_device's error,
     or one naming the group (embedding, block, unembedding) that is split."""
     devices = {value.device for value in params.values()}
-    if len(devices) <= 1:
-        return params_device(params)  # one device (or the empty-params error)
+    if len(devices) == 1:
+        return next(iter(devices))
+    if not devices:
+        return params_device(params)  # its error for empty params
     return layer_placement(params, cfg)[0]
 
 
