@@ -255,3 +255,29 @@ def test_a_killed_rank_is_resumed_by_another_number_of_ranks(tmp_path):
     for name in NAMES:
         # chunks from the dead run were computed at one thread, this process may use two
         assert_rounding_close(resumed.value[name], oracle[name], n=forward_depth(cfg, POS), what=name)
+
+
+def test_resid_pre_sweeps_and_reductions_per_example_in_one_process():
+    """The other patching sweeps, per example through map_dataset (no group: rank 0 of 1), against
+    the one-process sweeps on each row alone (patching) and on the whole dataset (attribution)."""
+    params, cfg = model()
+    tokens, corrupted, mask, answers = dataset()
+    patch_fn = dp.patching_scores(params, cfg, logit_diff, sweep=fb.patching.resid_pre_patching)
+    rows = dp.map_dataset(patch_fn, (tokens, corrupted, mask, answers), chunk_size=3)
+    assert rows.shape == (N, cfg.n_layers, POS)
+    for row in (0, 1, 6):
+        alone = fb.patching.resid_pre_patching(
+            params, cfg, tokens[row : row + 1], corrupted[row : row + 1], lambda l: logit_diff(l, answers[row : row + 1])[0],
+            attention_mask=mask[row : row + 1],
+        )  # fmt: skip
+        assert_rounding_close(rows[row], alone, n=forward_depth(cfg, POS), what=f"row {row}")
+    attr_fn = dp.attribution_scores(params, cfg, logit_diff, sweep=fb.patching.resid_pre_attribution)
+    attributed = dp.map_dataset(attr_fn, (tokens, corrupted, mask, answers), chunk_size=3)
+    whole = fb.patching.resid_pre_attribution(params, cfg, tokens, corrupted, lambda l: logit_diff(l, answers).sum(), attention_mask=mask)
+    assert attributed.shape == (N, cfg.n_layers, POS)
+    assert_rounding_close(attributed.sum(0), whole, n=N * forward_depth(cfg, POS), scale=attributed.abs().sum(0).max().item())
+    acts = torch.randn(N, POS, 5, generator=torch.Generator().manual_seed(0))
+    for row in range(N):  # a Python loop over each row's real tokens
+        real = mask[row].bool()
+        assert torch.equal(dp.last_token(acts, mask)[row], acts[row, real.nonzero().max()])
+        assert_rounding_close(dp.mean_over_tokens(acts, mask)[row], acts[row, real].mean(0), n=POS)

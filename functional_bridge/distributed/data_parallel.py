@@ -10,9 +10,9 @@ chunk_size, each rank's shard is one chunk (shards differ by at most one row). R
 contiguous runs of chunks, or every world_size-th chunk (``strided=True``); n need not divide.
 
 Nothing here needs an initialised process group: without one, the code runs as rank 0 of 1, so
-one script serves one process and N (``torchrun``). Gathering uses the group's collectives on
-CPU tensors (gloo; for NCCL, move results to the rank's GPU first), one ``all_gather_object`` of
-shapes so that a rank with no rows still takes part.
+one script serves one process and N (``torchrun``). Results are gathered on CPU (through the
+rank's GPU under NCCL), after one ``all_gather_object`` of shapes so that a rank with no rows
+takes part.
 """
 
 from __future__ import annotations
@@ -191,11 +191,18 @@ def _collect(tensor: Tensor, dst: int | None) -> list[Tensor] | None:
     rank, world = rank_and_world()
     if world == 1:
         return [tensor]
-    tensor = tensor.contiguous()
+    tensor = tensor.to(_comm_device()).contiguous()
     if dst is None:
         out = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(out, tensor)
-        return out
-    out = [torch.empty_like(tensor) for _ in range(world)] if rank == dst else None
-    dist.gather(tensor, out, dst=dst)
-    return out
+    else:
+        out = [torch.empty_like(tensor) for _ in range(world)] if rank == dst else None
+        dist.gather(tensor, out, dst=dst)
+    return None if out is None else [part.cpu() for part in out]
+
+
+def _comm_device() -> torch.device:
+    """Where the group's collectives take tensors: the rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
