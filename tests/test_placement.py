@@ -112,3 +112,31 @@ def test_a_bridge_over_placed_leaves_runs_and_reports_the_input_device():
     assert bridge.device == CPU and bridge.cfg.device == CPU
     logits = bridge(torch.zeros(1, 4, dtype=torch.long))
     assert logits.device == META and logits.shape == (1, 4, source.cfg.d_vocab_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("architecture", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_cuda_and_cpu_placement_equals_one_device(device, architecture):
+    """Blocks split between the GPU and the CPU (the head with the last block, or tied with the
+    embedding on the GPU): logits and gradients as the all-CPU run, within float32 rounding over
+    the depth (the GPU's kernels round otherwise). FB_CUDA_TESTS_DEVICE=cpu: a dry run."""
+    from tolerance import assert_rounding_close, forward_depth
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bridge = fb.Bridge.from_hf(make_gpt2(seed=4) if architecture == "GPT2LMHeadModel" else tiny_model(architecture, seed=4))
+    cfg, params = bridge.cfg, fb.func.detached(bridge.params)
+    tokens = torch.randint(0, cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    placed = place_leaves(params, device_map_by_layer(params, cfg, [device, "cpu"]))
+    assert input_device(placed, cfg).type == device.type
+    logits = fb.forward(placed, tokens.to(device), cfg, attention_mask=mask.to(device))
+    expected = fb.forward(params, tokens, cfg, attention_mask=mask)
+    assert_rounding_close(logits.cpu(), expected, n=forward_depth(cfg, 9), what="logits")
+    loss = lambda p, t, m: fb.next_token_loss(fb.forward(p, t, cfg, attention_mask=m), t, m)  # noqa: E731
+    grads = torch.func.grad(loss)(placed, tokens.to(device), mask.to(device))
+    reference = torch.func.grad(loss)(params, tokens, mask)
+    scale = max(g.abs().max().item() for g in reference.values())
+    for name, value in grads.items():
+        assert value.device == placed[name].device
+        assert_rounding_close(value.cpu(), reference[name], n=2 * forward_depth(cfg, 9), scale=scale, what=name)
