@@ -89,7 +89,7 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
         return tl_forward(
             params, self._config, x, self._call_hooks(hooks), attention_mask=mask, return_type=return_type,
             loss_per_token=loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens,
-            token_type_ids=token_type_ids,
+            token_type_ids=token_type_ids, run_block=self.__dict__.get("_run_block"),
         )  # fmt: skip
 
     def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
