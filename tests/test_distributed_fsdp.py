@@ -13,12 +13,16 @@ single-process oracles computed in this process:
 - ``tl_parameters()``, ``W_Q`` and the pure forward refusing shards by name;
 - DCP checkpoints with HF keys, loaded into a fresh sharded bridge, into unsharded ones on the
   ranks and here (no process group): bitwise equal (loading copies);
-- export to a plain HF model on rank 0: HF's own forward equal to the original HF model's.
+- export to a plain HF model on rank 0: HF's own forward equal to the original HF model's;
+- the README's "Scaling out" blocks, run in order on the 2 processes.
 """
 
 from __future__ import annotations
 
 import copy
+import pathlib
+import re
+import traceback
 
 import pytest
 import torch
@@ -58,7 +62,7 @@ def _sharded_run(rank: int, world: int, architecture: str, directory: str) -> di
     """On each rank: shard a bridge, check what only the ranks can see, train, cache, checkpoint."""
     from torch.distributed.tensor import DTensor
 
-    from functional_bridge.distributed import block_containers, export_hf, full_params, fully_shard_bridge
+    from functional_bridge.distributed import block_containers, export_hf, full_params, fully_shard_bridge, gathered_bridge
     from functional_bridge.distributed import load_checkpoint, save_checkpoint
 
     out: dict = {}
@@ -71,7 +75,11 @@ def _sharded_run(rank: int, world: int, architecture: str, directory: str) -> di
         "tl_parameters": _refusal(bridge.tl_parameters),
         "W_Q": _refusal(lambda: bridge.W_Q),
         "fb.forward": _refusal(lambda: fb.forward(bridge.params, global_tokens(bridge.cfg.d_vocab), bridge.cfg)),
+        "to_hf": _refusal(bridge.to_hf),
     }
+    # ...and gathered, the TL views are the original's (gathering copies)
+    whole, unsharded = gathered_bridge(bridge).tl_parameters(), fb.Bridge.from_hf(copy.deepcopy(original)).tl_parameters()
+    out["gathered_tl_equal"] = list(whole) == list(unsharded) and all(torch.equal(whole[k], unsharded[k]) for k in whole)
 
     # export before training: HF's own forward of the gathered model equals the original's
     tokens = global_tokens(bridge.cfg.d_vocab)
@@ -127,15 +135,47 @@ def _sharded_run(rank: int, world: int, architecture: str, directory: str) -> di
     return out
 
 
-def _all_runs(rank: int, world: int, directories: dict) -> dict:
-    return {arch: _sharded_run(rank, world, arch, directories[arch]) for arch in ARCHITECTURES}
+def readme_blocks() -> list[str]:
+    """The python blocks of the README's "Scaling out" section, in order."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"\n## Scaling out\n.*?(?=\n## )", readme, flags=re.S).group(0)
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def _readme_run(blocks: list[str]) -> dict:
+    """Run the blocks in one namespace, as one script; what they left to check, or the traceback."""
+    namespace: dict = {"__name__": "__readme__"}
+    try:
+        for index, block in enumerate(blocks):
+            exec(compile(block, f"README.md 'Scaling out' block {index}", "exec"), namespace)
+    except Exception:  # noqa: BLE001 - reported by the test, so that the other checks still report
+        return {"error": traceback.format_exc()}
+    return {"error": None, "local": namespace["local"], "W_Q": tuple(namespace["W_Q"].shape)}
+
+
+def _all_runs(rank: int, world: int, directories: dict, blocks: list[str]) -> dict:
+    out = {arch: _sharded_run(rank, world, arch, directories[arch]) for arch in ARCHITECTURES}
+    out["readme"] = _readme_run(blocks)
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     directories = {arch: str(tmp_path_factory.mktemp(f"dcp_{arch}")) for arch in ARCHITECTURES}
-    results = run_on_ranks(_all_runs, world_size=WORLD, args=(directories,), timeout=240)
-    return {arch: [r[arch] for r in results] for arch in ARCHITECTURES}, directories
+    results = run_on_ranks(_all_runs, world_size=WORLD, args=(directories, readme_blocks()), timeout=300)
+    by_arch = {arch: [r[arch] for r in results] for arch in ARCHITECTURES}
+    by_arch["readme"] = [r["readme"] for r in results]
+    return by_arch, directories
+
+
+def test_readme_scaling_out_runs_on_two_processes(ranks):
+    assert len(readme_blocks()) >= 2
+    for rank, r in enumerate(ranks[0]["readme"]):
+        assert r["error"] is None, f"rank {rank}:\n{r['error']}"
+        assert r["W_Q"] == (2, 4, 32, 8)
+    # GPT-2 with n_embd=32, n_layer=2, vocab 64, 32 positions: the ranks hold half each
+    total = 64 * 32 + 32 * 32 + 2 * (2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 2 * 32 + 32 * 128 + 128 + 128 * 32 + 32) + 2 * 32
+    assert sum(r["local"] for r in ranks[0]["readme"]) == total
 
 
 def _single_process_training(architecture: str, dtype: torch.dtype):
@@ -207,7 +247,9 @@ def test_sharded_bridge_refuses_whole_leaf_views_by_name(ranks):
         for what, message in r["refusals"].items():
             assert "FSDP2 shards (DTensors)" in message and "transformer.wte.weight" in message, (what, message)
             assert "full_params" in message
-        assert "TransformerLens weights" in r["refusals"]["W_Q"]
+        assert "TransformerLens weights" in r["refusals"]["W_Q"] and "export_hf" in r["refusals"]["to_hf"]
+    for architecture in ARCHITECTURES:
+        assert all(r["gathered_tl_equal"] for r in ranks[0][architecture])
         assert "pure forward" in r["refusals"]["fb.forward"]
 
 
@@ -225,6 +267,17 @@ def test_dcp_checkpoint_and_export(ranks, architecture):
     assert all(torch.equal(v.detach(), results[0]["trained"][k]) for k, v in plain.params.items())
 
 
+def test_fully_shard_bridge_refusals():
+    from functional_bridge.distributed import block_containers, fully_shard_bridge
+
+    with pytest.raises(NotImplementedError, match="BertForMaskedLM runs its own forward"):
+        fully_shard_bridge(fb.Bridge.from_hf(tiny_model("BertForMaskedLM")))
+    bridge = fb.Bridge.from_hf(tiny_model("GPT2LMHeadModel"))
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        fully_shard_bridge(bridge)
+    assert all(type(module) is torch.nn.Module for module in block_containers(bridge))  # nothing changed
+
+
 def test_dcp_load_refuses_a_mismatch_and_changes_nothing(ranks):
     from functional_bridge.distributed import load_checkpoint
 
@@ -234,3 +287,45 @@ def test_dcp_load_refuses_a_mismatch_and_changes_nothing(ranks):
     with pytest.raises(ParamsStructureError, match="missing from the checkpoint.*model.layers.0.self_attn.q_proj.weight"):
         load_checkpoint(other, directories["GPT2LMHeadModel"])
     assert all(torch.equal(v, before[k]) for k, v in other.params.items())
+
+
+def _every_family(rank: int, world: int, architectures: list[str]) -> dict:
+    """Each family sharded: logits, the whole cache and the gradients of the whole batch's loss."""
+    from functional_bridge.distributed import fully_shard_bridge
+
+    out = {}
+    for architecture in architectures:
+        bridge = fully_shard_bridge(fb.Bridge.from_hf(tiny_model(architecture)))
+        tokens = global_tokens(bridge.cfg.d_vocab)
+        with torch.no_grad():
+            logits, cache = bridge.run_with_cache(tokens)
+        bridge(tokens, return_type="loss").backward()  # the same batch on every rank: the average is it
+        out[architecture] = logits, dict(cache), {name: p.grad.full_tensor() for name, p in bridge.named_parameters()}
+    return out
+
+
+@pytest.mark.slow
+def test_every_family_sharded_equals_unsharded():
+    from tiny_models import causal_lm_architectures
+
+    architectures = causal_lm_architectures()
+    results = run_on_ranks(_every_family, world_size=WORLD, args=(architectures,), timeout=600)[0]
+    for architecture in architectures:
+        logits, cache, grads = results[architecture]
+        hf = tiny_model(architecture)
+        oracles = []
+        for model in (hf, copy.deepcopy(hf).double()):
+            bridge = fb.Bridge.from_hf(model)
+            tokens = global_tokens(bridge.cfg.d_vocab)
+            with torch.no_grad():
+                oracle_logits, oracle_cache = bridge.run_with_cache(tokens)
+            bridge(tokens, return_type="loss").backward()
+            oracles.append((oracle_logits, oracle_cache, {name: p.grad for name, p in bridge.named_parameters()}))
+        (logits32, cache32, grads32), (logits64, cache64, grads64) = oracles
+        floats = [name for name, value in cache.items() if value.is_floating_point()]
+        assert list(cache) == list(cache32)
+        assert all(torch.equal(cache[name], cache32[name]) for name in cache if name not in floats)  # router choices
+        assert_as_accurate_as(logits, logits32, logits64, what=f"{architecture} logits")
+        pick = lambda c: {name: c[name] for name in floats}  # noqa: E731
+        assert_as_accurate_as(pick(cache), pick(cache32), pick(cache64), per_key_scale=True, what=f"{architecture} cache")
+        assert_as_accurate_as(grads, grads32, grads64, what=f"{architecture} gradients")

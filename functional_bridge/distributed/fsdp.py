@@ -105,37 +105,36 @@ def _reshard_all(bridge: nn.Module) -> None:
 
 
 def _whole_leaves(bridge: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(HF name, whole detached leaf), one leaf gathered at a time: a collective on a sharded bridge."""
+    """(HF name, a new whole detached copy of the leaf), one leaf gathered at a time (DTensor's
+    all-gather): a collective on a sharded bridge."""
     from torch.distributed.tensor import DTensor
 
     if is_sharded(bridge):
         _reshard_all(bridge)
     for name, leaf in bridge.params.items():
-        yield name, (leaf.full_tensor() if isinstance(leaf, DTensor) else leaf).detach()
+        yield name, leaf.detach().full_tensor() if isinstance(leaf, DTensor) else leaf.detach().clone()
 
 
 def full_params(bridge: nn.Module) -> dict[str, Tensor]:
     """HF name -> whole leaf (new tensors, detached), in HF order, on every rank. A collective on a
     sharded bridge: every rank must call it. Peak memory: the whole model on every rank."""
-    return {name: leaf.clone() for name, leaf in _whole_leaves(bridge)}
+    return dict(_whole_leaves(bridge))
 
 
 def gathered_bridge(bridge: nn.Module, rank: int | None = None):
     """A plain (unsharded) Bridge over whole copies of a sharded bridge's leaves, with its config,
-    HF config and tokenizer: on every rank (rank=None), or on ``rank`` only (None elsewhere; the
-    other ranks hold one gathered leaf at a time). A collective: every rank must call it.
-    tl_parameters(), W_Q... and the pure functions work on it."""
+    HF config, tokenizer and TL settings: on every rank (rank=None), or on ``rank`` only (None
+    elsewhere, where one gathered leaf at a time is held). A collective: every rank must call it.
+    tl_parameters(), W_Q..., to_hf() and the pure functions work on it."""
+    import copy
+
     from ..bridge import Bridge
 
     keep = rank is None or dist.get_rank() == rank
-    leaves = {}
-    for name, leaf in _whole_leaves(bridge):
-        if keep:
-            leaves[name] = nn.Parameter(leaf.clone(), requires_grad=leaf.requires_grad or bridge.params[name].requires_grad)
+    trainable = {name: leaf.requires_grad for name, leaf in bridge.params.items()}
+    leaves = {name: nn.Parameter(leaf, requires_grad=trainable[name]) for name, leaf in _whole_leaves(bridge) if keep}
     if not keep:
         return None
-    import copy
-
     plain = Bridge(leaves, bridge._config, copy.deepcopy(bridge._hf_config), bridge.tokenizer)
     plain._tl = copy.copy(bridge._tl)
     return plain
