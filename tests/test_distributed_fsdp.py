@@ -94,6 +94,7 @@ def _sharded_run(rank: int, world: int, architecture: str, directory: str) -> di
         logits, cache = bridge.run_with_cache(tokens, names_filter=lambda name: "attn.hook_pattern" in name or "resid" in name)
     out["cache"] = {name: value.clone() for name, value in cache.items()}
     out["cache_logits"] = logits.clone()
+    out["all_shards_after_cache"] = all(isinstance(leaf, DTensor) for leaf in bridge.params.values())  # the root too
 
     # training: this rank's half of the global batch; FSDP2 averages the gradients over ranks
     blocks = block_containers(bridge)
@@ -236,7 +237,7 @@ def test_one_block_gathered_at_a_time(ranks, architecture):
 def test_parameter_bytes_per_rank(ranks, architecture):
     results = ranks[0][architecture]
     total = sum(p.numel() * p.element_size() for p in fb.Bridge.from_hf(tiny_model(architecture)).parameters())
-    assert all(r["all_shards"] for r in results)
+    assert all(r["all_shards"] and r["all_shards_after_cache"] and r["all_shards_after"] for r in results)
     assert sum(r["local_bytes"] for r in results) == total  # the shards partition the leaves
     for r in results:  # dim 0 split in WORLD chunks: at most one row per leaf above an even share
         assert total / WORLD - r["row_bytes"] <= r["local_bytes"] <= total / WORLD + r["row_bytes"]
