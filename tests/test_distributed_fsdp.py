@@ -274,6 +274,10 @@ def test_fully_shard_bridge_refusals():
     with pytest.raises(NotImplementedError, match="BertForMaskedLM runs its own forward"):
         fully_shard_bridge(fb.Bridge.from_hf(tiny_model("BertForMaskedLM")))
     bridge = fb.Bridge.from_hf(tiny_model("GPT2LMHeadModel"))
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    with pytest.raises(NotImplementedError, match="param_dtype=torch.bfloat16 differs from the leaves' torch.float32"):
+        fully_shard_bridge(bridge, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         fully_shard_bridge(bridge)
     assert all(type(module) is torch.nn.Module for module in block_containers(bridge))  # nothing changed

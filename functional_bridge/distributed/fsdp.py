@@ -81,6 +81,13 @@ def fully_shard_bridge(bridge: nn.Module, **fsdp_kwargs) -> nn.Module:
             f"fully_shard_bridge: {bridge.cfg.original_architecture} runs its own forward ({family.name}), "
             "which does not route its blocks through their containers"
         )
+    policy = fsdp_kwargs.get("mp_policy")
+    if getattr(policy, "param_dtype", None) not in (None, bridge.dtype):
+        raise NotImplementedError(
+            f"fully_shard_bridge: mp_policy.param_dtype={policy.param_dtype} differs from the leaves' {bridge.dtype}; the forward "
+            "reads one dtype off the leaves (the root's would be cast, the blocks' not yet): store the leaves in that dtype "
+            "before sharding (bridge.to(dtype))"
+        )
     if "mesh" not in fsdp_kwargs and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fully_shard_bridge needs an initialised process group (torch.distributed.init_process_group) or a mesh")
     fsdp_kwargs.setdefault("reshard_after_forward", True)
