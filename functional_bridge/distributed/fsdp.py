@@ -92,9 +92,10 @@ def fully_shard_bridge(bridge: nn.Module, **fsdp_kwargs) -> nn.Module:
         raise RuntimeError("fully_shard_bridge needs an initialised process group (torch.distributed.init_process_group) or a mesh")
     fsdp_kwargs.setdefault("reshard_after_forward", True)
     blocks = block_containers(bridge)
+    odd = [type(module).__name__ for module in blocks if type(module) is not nn.Module]
+    if odd:
+        raise TypeError(f"the blocks' containers must be plain nn.Module containers, got {sorted(set(odd))}")
     for module in blocks:
-        if type(module) is not nn.Module:
-            raise TypeError(f"a block's container is a {type(module).__name__}, expected a plain container")
         module.__class__ = BlockContainer  # a forward of its own: the call FSDP2's hooks wrap
         fully_shard(module, **fsdp_kwargs)
     fully_shard(bridge, **fsdp_kwargs)
