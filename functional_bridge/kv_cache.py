@@ -42,7 +42,7 @@ class KVCache(NamedTuple):
 
 def empty_kv_cache(params: Params, cfg: BridgeConfig, batch: int) -> KVCache:
     """A cache holding no positions, for a batch of ``batch`` rows."""
-    _refuse_encoders(cfg)
+    refuse_encoders(cfg)
     device, dtype = params_device(params), params_dtype(params)
     empty = torch.zeros(batch, 0, cfg.n_kv_heads, cfg.d_head, device=device, dtype=dtype)
     layers = tuple(empty for _ in range(cfg.n_layers))
@@ -65,7 +65,7 @@ def forward_with_kv_cache(
     of the new tokens; scores and pattern [batch, head, new_pos, cached + new_pos])."""
     from .model import check_inputs, transformer  # model imports this module's step type
 
-    _refuse_encoders(cfg)
+    refuse_encoders(cfg)
     tokens, attention_mask = check_inputs(params, tokens, cfg, attention_mask)
     batch = tokens.shape[0]
     if kv_cache is None:
@@ -127,7 +127,7 @@ class CacheStep:
         return KVCache(tuple(self.keys), tuple(self.values), self.full_mask)
 
 
-def _refuse_encoders(cfg: BridgeConfig) -> None:
+def refuse_encoders(cfg: BridgeConfig) -> None:
     if family_for(cfg).forward is not None:
         raise NotImplementedError(f"{cfg.original_architecture} is not a causal decoder: it has no KV cache and cannot generate")
 

@@ -85,6 +85,9 @@ def test_prompt(prompt: str, answer, model, prepend_space_to_answer: bool = True
                 prepend_bos: bool | None = None, top_k: int = 10) -> None:  # fmt: skip
     """TransformerLens's test_prompt: print how a model ranks the answer token(s) after a prompt
     (rank, logit, probability) and its top_k tokens. Plain text (TL prints with rich markup)."""
+    from .architectures import require_causal_lm
+
+    require_causal_lm(model.cfg, "test_prompt")
     answers = [answer] if isinstance(answer, str) else list(answer)
     multiple = len(answers) > 1
     if prepend_space_to_answer:

@@ -6,6 +6,9 @@ stand in for. Shared by the tests of text methods, generation, SAEs...
   it does not add BOS by itself.
 - llama_tokenizer(): SentencePiece-style BPE ("▁" for spaces), "<unk>", "<s>", "</s>", adding
   "<s>" in front of every text by itself, no pad token (Llama's).
+- bert_tokenizer(): a WordPiece BertTokenizer (lowercasing, "##" continuations) over the corpus's
+  words, with BERT's special tokens ("[PAD]" 0, "[UNK]", "[CLS]", "[SEP]", "[MASK]"), wrapping every
+  text as [CLS] ... [SEP] and pairs as [CLS] A [SEP] B [SEP] with token types 0 then 1.
 
 save_pretrained(model, tokenizer) writes both into a new directory for Bridge.from_pretrained.
 """
@@ -13,6 +16,7 @@ save_pretrained(model, tokenizer) writes both into a new directory for Bridge.fr
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 
 import transformers
@@ -64,6 +68,28 @@ def llama_tokenizer(vocab_size: int = 160) -> transformers.PreTrainedTokenizerFa
         tokenizer_object=Tokenizer.from_str(_llama_backend(vocab_size).to_str()),
         bos_token="<s>", eos_token="</s>", unk_token="<unk>",
     )  # fmt: skip
+
+
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_EXTRA = ["paris", "is", "capital", "of", "france", "play", "walk", "jump", "##s", "##ing", "##ed", "?"]
+
+
+def bert_vocab(vocab_size: int) -> dict[str, int]:
+    """BERT's specials, the corpus's words (lowercased, punctuation split off), a few wordpieces,
+    then "[unusedN]" fillers up to exactly vocab_size tokens (as BERT's vocab reserves them)."""
+    words = list(BERT_SPECIAL)
+    for word in [w for text in CORPUS for w in re.findall(r"\w+|[^\w\s]", text.lower())] + BERT_EXTRA:
+        if word not in words:
+            words.append(word)
+    if len(words) > vocab_size:
+        raise ValueError(f"bert_vocab needs vocab_size >= {len(words)}, got {vocab_size}")
+    words += [f"[unused{i}]" for i in range(vocab_size - len(words))]
+    return {word: index for index, word in enumerate(words)}
+
+
+def bert_tokenizer(vocab_size: int = 97) -> transformers.BertTokenizerFast:
+    """A BERT-like WordPiece tokenizer of exactly vocab_size tokens (see the module docstring)."""
+    return transformers.BertTokenizerFast(vocab=bert_vocab(vocab_size))
 
 
 def save_pretrained(model, tokenizer, directory: str | None = None) -> str:

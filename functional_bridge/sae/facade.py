@@ -136,8 +136,7 @@ class SAEFacade:
         wanting = [a for a in self._attached.values() if a.exclude_special_tokens is not False]
         if not wanting:
             return super().forward(input, *args, **kwargs)
-        tokens = input if isinstance(input, Tensor) else self.to_tokens(
-            input, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side"))  # fmt: skip
+        tokens = input if isinstance(input, Tensor) else self._tokenize(input, kwargs.get("prepend_bos"), kwargs.get("padding_side"))[0]
         self.__dict__["_sae_masks"] = {id(a): self._exclusion_mask(tokens, a.exclude_special_tokens) for a in wanting}
         try:
             return super().forward(input, *args, **kwargs)

@@ -44,5 +44,5 @@ def stream_activations(bridge, batches: Iterable, hook_name: str, *, prepend_bos
     for batch in batches:
         mask = None
         if not isinstance(batch, Tensor):
-            batch, mask = bridge._model_input(batch, prepend_bos, None, None)
+            batch, mask, _ = bridge._model_input(batch, prepend_bos, None, None)
         yield activations(bridge.params, batch.to(bridge.cfg.device), bridge._config, hook_name, mask)

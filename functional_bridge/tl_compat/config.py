@@ -135,9 +135,16 @@ class TLConfig(BridgeConfig):
     def final_rms(self) -> bool:
         return self.normalization_type == "RMS"
 
+    @property
+    def attention_dir(self) -> str:
+        """"bidirectional" for an encoder (HookedEncoder's config says so), else "causal"."""
+        from ..architectures import family_for
+        from ..architectures.family import MASKED_LM
+
+        return "bidirectional" if family_for(self).kind == MASKED_LM else "causal"
+
     n_devices = 1
     attn_only = False
-    attention_dir = "causal"
     use_hook_tokens = False
     ungroup_grouped_query_attention = False
     output_logits_soft_cap = -1.0

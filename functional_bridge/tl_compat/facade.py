@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..analysis.residual import accumulated_bias
 from ..weights import tl_weights
 from . import compat_mode
+from . import encoder_text as enc
 from .config import TLConfig, TLState, plain_config
 from .forward import tl_forward
 from .generation import TLGenerateMixin
@@ -27,7 +28,13 @@ from .views import BlockList, TLView
 class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
     def _init_tl(self, tokenizer=None, prepend_bos: bool | None = None, padding_side: str | None = None) -> None:
         """Facade state for a new Bridge (called by Bridge.__init__)."""
-        prepend = default_prepend_bos(self._config.original_architecture) if prepend_bos is None else bool(prepend_bos)
+        if self._is_encoder:  # HookedEncoder: no BOS by hand, padding on the right
+            enc.check_encoder_text_options(
+                self._config.original_architecture, prepend_bos, padding_side, "default_padding_side", "default_prepend_bos"
+            )  # fmt: skip
+            prepend = False
+        else:
+            prepend = default_prepend_bos(self._config.original_architecture) if prepend_bos is None else bool(prepend_bos)
         self._tl = TLState(default_prepend_bos=prepend)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer, padding_side)
@@ -66,6 +73,7 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
         *,
         hooks=None,
         token_type_ids: Tensor | None = None,
+        one_zero_attention_mask: Tensor | None = None,
     ):
         """HookedTransformer.forward: input is text, a list of texts (padded, with its padding
         mask), token ids [batch, pos] or [pos], or with start_at_layer the residual stream
@@ -74,23 +82,47 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
         The loss ignores padding (see tl_compat.forward.tl_forward). hooks: per-call
         ``[(name or predicate, fn)]``, run after the registered ones. Equal to
         ``fb.forward(bridge.params, tokens, bridge.cfg)`` for token ids without hooks.
-        token_type_ids: an encoder's (BERT's) segment ids."""
+        token_type_ids: an encoder's (BERT's) segment ids.
+
+        An encoder (BERT) answers as HookedEncoder.forward(input, return_type, token_type_ids,
+        one_zero_attention_mask): text gets the tokenizer's token types and mask (those passed
+        win); return_type is "logits", None (the forward runs, hooks fire, None is returned) or
+        "predictions" (the most likely token at each mask token: encoder_text.mlm_predictions);
+        "loss" and "both" are refused (a masked-LM loss needs labels: fb.masked_lm_loss).
+        one_zero_attention_mask is HookedEncoder's name for attention_mask, and HookedEncoder's
+        positional order is accepted (a tensor third is token_type_ids, fourth the mask)."""
+        if self._is_encoder:
+            loss_per_token, prepend_bos, token_type_ids, attention_mask = _encoder_arguments(
+                loss_per_token, prepend_bos, token_type_ids, attention_mask, one_zero_attention_mask
+            )  # fmt: skip
+        elif one_zero_attention_mask is not None:
+            raise ValueError("one_zero_attention_mask is HookedEncoder's argument (for encoders): pass attention_mask=")
+        predictions = return_type == "predictions"
+        if predictions:
+            if not self._is_encoder:
+                raise ValueError(
+                    f"return_type='predictions' (HookedEncoder's masked-token answer) is for encoders; "
+                    f"{self._config.original_architecture} is a causal LM: use 'logits', 'loss', 'both' or None"
+                )
+            self._require_tokenizer("return_type='predictions'")
+            return_type = "logits"
         if past_kv_cache is not None:
             raise NotImplementedError("past_kv_cache is not supported by Bridge.forward")
         if shortformer_pos_embed is not None:
             raise ValueError("shortformer_pos_embed: no supported architecture uses shortformer positions")
         params = self.params
         if start_at_layer is None:
-            x, mask = self._model_input(input, prepend_bos, padding_side, attention_mask)
+            x, mask, token_type_ids = self._model_input(input, prepend_bos, padding_side, attention_mask, token_type_ids)
         else:
             if not isinstance(input, Tensor):
                 raise TypeError(f"with start_at_layer the input is the residual stream (a tensor), got {type(input).__name__}")
             x, mask = input, attention_mask
-        return tl_forward(
+        out = tl_forward(
             params, self._config, x, self._call_hooks(hooks), attention_mask=mask, return_type=return_type,
             loss_per_token=loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens,
             token_type_ids=token_type_ids, run_block=self.__dict__.get("_run_block"),
         )  # fmt: skip
+        return enc.mlm_predictions(self.tokenizer, out, x) if predictions else out
 
     def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
         """fb.utils.lm_cross_entropy_loss (HookedTransformer.loss_fn)."""
@@ -173,3 +205,23 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
             self, disable_warnings, no_processing, fold_ln, center_writing_weights, center_unembed,
             fold_value_biases, refactor_factored_attn_matrices,
         )  # fmt: skip
+
+
+def _encoder_arguments(loss_per_token, prepend_bos, token_type_ids, attention_mask, one_zero_attention_mask):
+    """An encoder's forward arguments from HookedTransformer's signature: HookedEncoder's
+    positional token_type_ids and one_zero_attention_mask land where HookedTransformer has
+    loss_per_token and prepend_bos (an encoder has no loss), and one_zero_attention_mask is
+    attention_mask. Returns (loss_per_token, prepend_bos, token_type_ids, attention_mask)."""
+    if isinstance(loss_per_token, Tensor):
+        if token_type_ids is not None:
+            raise ValueError("token_type_ids given twice (positionally, as HookedEncoder's third argument, and by name)")
+        token_type_ids, loss_per_token = loss_per_token, False
+    if isinstance(prepend_bos, Tensor):
+        if one_zero_attention_mask is not None:
+            raise ValueError("one_zero_attention_mask given twice (positionally, as HookedEncoder's fourth argument, and by name)")
+        one_zero_attention_mask, prepend_bos = prepend_bos, None
+    if one_zero_attention_mask is not None:
+        if attention_mask is not None:
+            raise ValueError("pass attention_mask or one_zero_attention_mask (HookedEncoder's name for it), not both")
+        attention_mask = one_zero_attention_mask
+    return loss_per_token, prepend_bos, token_type_ids, attention_mask

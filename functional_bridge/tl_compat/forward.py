@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from ..architectures import family_for, require_causal_lm
+from ..architectures.family import MASKED_LM
 from ..config import BridgeConfig
 from ..hooks import HookSet
 from ..model import check_inputs, check_token_type_ids, transformer
@@ -54,17 +56,23 @@ def tl_forward(
     runs (model.transformer's; a sharded bridge's, distributed/fsdp.py)."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    encoder = family_for(cfg).kind == MASKED_LM
+    if return_type in ("loss", "both"):
+        require_causal_lm(cfg, f"return_type={return_type!r} (the next-token loss)",
+                          "no next token to predict; for a masked-LM loss use fb.masked_lm_loss(logits, labels, attention_mask)")  # fmt: skip
     residual = start_at_layer is not None
     x, attention_mask = check_inputs(params, x, cfg, attention_mask, residual=residual)
     token_type_ids = None if residual else check_token_type_ids(token_type_ids, x, cfg)  # an encoder's (BERT's)
     if not residual:
         tokens = x
-    wants_logits = return_type is not None or stop_at_layer is not None
+    wants_logits = return_type is not None or stop_at_layer is not None or encoder  # (HookedEncoder runs its head anyway)
     out = transformer(
         params, x, cfg, attention_mask, hooks, token_type_ids,
         start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, unembed=wants_logits, run_block=run_block,
     )  # fmt: skip
-    if stop_at_layer is not None or return_type in (None, "logits"):
+    if return_type is None and stop_at_layer is None:
+        return None
+    if stop_at_layer is not None or return_type == "logits":
         return out
     if tokens is None:
         raise ValueError(f"return_type={return_type!r} with start_at_layer needs the input tokens: pass tokens=")

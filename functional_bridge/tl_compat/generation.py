@@ -51,6 +51,9 @@ class TLGenerateMixin:
         HF's GenerateDecoderOnlyOutput(sequences, logits: one [batch, d_vocab] per step)."""
         import torch
 
+        from ..kv_cache import refuse_encoders
+
+        refuse_encoders(self._config)  # (before text is tokenized as an encoder's)
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES} (embeddings are not supported), got {return_type!r}")
         if seed is not None and generator is not None:
@@ -64,7 +67,7 @@ class TLGenerateMixin:
         elif isinstance(input, Tensor):
             if input.is_floating_point():
                 raise NotImplementedError("generate from embeddings [batch, pos, d_model] is not supported: pass token ids or text")
-            tokens, mask = self._model_input(input, prepend_bos, padding_side, attention_mask)
+            tokens, mask, _ = self._model_input(input, prepend_bos, padding_side, attention_mask)
             kind = "tokens"
         else:
             raise TypeError(f"input must be text, a list of texts or a tensor of token ids, got {type(input).__name__}")

@@ -37,10 +37,7 @@ def prepare_tokenizer(tokenizer, architecture: str, default_padding_side: str | 
     """TransformerLens's set_tokenizer: (tokenizer to use, whether it prepends BOS by itself).
     The tokenizer is reloaded with add_bos_token=True when it can be (from its own files);
     eos, pad and bos default to each other as TransformerLens sets them."""
-    from transformers import PreTrainedTokenizerBase
-
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise TypeError(f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}")
+    check_tokenizer(tokenizer)
     if default_padding_side not in ("left", "right", None):
         raise ValueError(f"default_padding_side must be 'left', 'right' or None, got {default_padding_side!r}")
     if architecture not in KEEP_TOKENIZER:
@@ -56,6 +53,13 @@ def prepare_tokenizer(tokenizer, architecture: str, default_padding_side: str | 
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
     return tokenizer, len(tokenizer.encode("")) > 0
+
+
+def check_tokenizer(tokenizer) -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}")
 
 
 def _with_bos(tokenizer):
