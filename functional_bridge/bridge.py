@@ -25,7 +25,7 @@ from .architectures import config_from_hf, family_for, hf_architecture
 from .config import BridgeConfig
 from .hf_io import build_hf_model, describe_leaves, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
-from .params import ParamsStructureError, check_params, params_dtype
+from .params import ParamsStructureError, check_params, params_dtype, refuse_sharded
 from .placement import input_device
 from .sae.facade import SAEFacade
 from .tl_compat import TLFacade
@@ -84,6 +84,7 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
         """An HF model holding this bridge's current tensors (shared, not copied)."""
         if self._hf_config is None:
             raise ValueError("this Bridge was built without an HF config, so it cannot make an HF model")
+        refuse_sharded(self.params, "to_hf (functional_bridge.distributed.export_hf gathers a sharded bridge)")
         return build_hf_model(self.params, self.cfg, self._hf_config)
 
     @property

@@ -35,7 +35,7 @@ from .components.precision import upcast
 from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
-from .params import Params, check_params, params_dtype
+from .params import Params, check_params, params_dtype, refuse_sharded
 from .placement import TableCache, block_device, input_device
 
 Hooks = Iterable[tuple[NameOrFilter, HookFn]]
@@ -258,14 +258,21 @@ def transformer(
     stop_at_layer: int | None = None,
     unembed: bool = True,
     kv_step=None,
+    run_block=None,
 ) -> Tensor | None:
     """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
     A family with its own forward (an encoder) runs that instead of the decoder stack below.
     With start_at_layer, tokens is the residual stream [batch, pos, d_model] entering that block;
     with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
     stops after ln_final and returns None (HookedTransformer's return_type=None).
-    kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py)."""
+    kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py).
+    run_block(layer, step, resid) -> resid: how block ``layer`` runs; ``step(resid, params)`` is
+    the pure block on a params pytree that the runner supplies (a sharded bridge calls the
+    block's container module, whose FSDP2 hooks gather that block's leaves around the call:
+    distributed/fsdp.py). None: the block runs on ``params``, which must then hold no shards."""
     family = family_for(cfg)
+    if run_block is None:
+        refuse_sharded(params, "the pure forward")
     if family.forward is not None:
         if start_at_layer is not None or stop_at_layer is not None or not unembed:
             raise NotImplementedError(f"start_at_layer, stop_at_layer and return_type=None are not supported for {cfg.original_architecture}")
@@ -290,8 +297,10 @@ def transformer(
         return mask if bias is None else mask._replace(bias=bias)
 
     for layer in layer_range(cfg, start_at_layer, stop_at_layer):
-        w = family.layer_weights(params, cfg, layer)
-        here = block_device(w)  # leaves placed by layer: the residual stream follows the block
+        # leaves placed by layer: the residual stream follows the block (a sharded bridge's
+        # run_block supplies whole leaves during the call: its shards are not read here)
+        w = family.layer_weights(params, cfg, layer) if run_block is None else None
+        here = resid.device if w is None else block_device(w)
         resid = resid.to(here)
         window = cfg.layer_window(layer)
         mask = tables.get(("mask", window), here, lambda: build_mask(window))
@@ -301,7 +310,13 @@ def transformer(
             dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
             rotary = tables.get(("rotary", local), here, lambda: rotary_tables(positions, cfg, dtype, local))
         extend_kv = None if kv_step is None else kv_step.layer(layer)
-        resid = block(resid, w, cfg, layer, mask, hooks, rotary, extend_kv)
+        if run_block is None:
+            resid = block(resid, w, cfg, layer, mask, hooks, rotary, extend_kv)
+        else:
+            def step(resid, params, layer=layer, mask=mask, rotary=rotary, extend_kv=extend_kv):
+                return block(resid, family.layer_weights(params, cfg, layer), cfg, layer, mask, hooks, rotary, extend_kv)
+
+            resid = run_block(layer, step, resid)
     if stop_at_layer is not None:
         return resid
     final = family.unembed_weights(params, cfg)
