@@ -25,7 +25,8 @@ from .architectures import config_from_hf, family_for, hf_architecture
 from .config import BridgeConfig
 from .hf_io import build_hf_model, describe_leaves, hf_class, hf_params, load_hf_model
 from .hooks import hook_names
-from .params import ParamsStructureError, check_params, params_device, params_dtype
+from .params import ParamsStructureError, check_params, params_dtype, refuse_sharded
+from .placement import input_device
 from .sae.facade import SAEFacade
 from .tl_compat import TLFacade
 from .tl_compat.config import plain_config
@@ -41,7 +42,7 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
         super().__init__()
         cfg = plain_config(cfg)
         check_params(params, cfg)
-        params_device(params)
+        input_device(params, cfg)  # one device, or whole blocks placed on devices (placement.py)
         self.cfg = cfg
         self._hf_config = hf_config
         for name, tensor in params.items():
@@ -83,6 +84,7 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
         """An HF model holding this bridge's current tensors (shared, not copied)."""
         if self._hf_config is None:
             raise ValueError("this Bridge was built without an HF config, so it cannot make an HF model")
+        refuse_sharded(self.params, "to_hf (functional_bridge.distributed.export_hf gathers a sharded bridge)")
         return build_hf_model(self.params, self.cfg, self._hf_config)
 
     @property
@@ -117,7 +119,8 @@ class Bridge(SAEFacade, TLFacade, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return params_device(self.params)
+        """The leaves' device; for leaves placed by layer, the embedding's (where inputs go)."""
+        return input_device(self.params, self.cfg)
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
         """Load HF-keyed tensors. Everything is checked before anything is written, so a bad

@@ -35,7 +35,8 @@ from .components.precision import upcast
 from .components.rotary import Rotary, apply_rotary, rotary_tables
 from .config import BridgeConfig
 from .hooks import HookFn, HookSet, NameOrFilter, layer_hook_names, resolve_hooks, select_names
-from .params import Params, check_params, params_device, params_dtype
+from .params import Params, check_params, params_dtype, refuse_sharded
+from .placement import TableCache, block_device, input_device
 
 Hooks = Iterable[tuple[NameOrFilter, HookFn]]
 
@@ -141,7 +142,7 @@ def check_inputs(
     mask) gets batch 1. Raises before any work, naming the shapes as they were passed.
     residual=True: ``tokens`` is a residual stream [batch, pos, d_model] (start_at_layer)."""
     check_params(params, cfg)
-    device = params_device(params)
+    device = input_device(params, cfg)  # leaves placed by layer: the embedding's device
     params_dtype(params)  # mixed floating dtypes: the clear error bridge.dtype gives
     if residual:
         return _check_residual(tokens, cfg, attention_mask, device)
@@ -258,6 +259,7 @@ def transformer(
     unembed: bool = True,
     kv_step=None,
     logits_to_keep: int | None = None,
+    run_block=None,
 ) -> Tensor | None:
     """The forward pass on checked inputs: tokens [batch, pos] -> logits [batch, pos, d_vocab_out].
     A family with its own forward (an encoder) runs that instead of the decoder stack below.
@@ -265,8 +267,15 @@ def transformer(
     with stop_at_layer, the residual stream leaving the last block run is returned. unembed=False
     stops after ln_final and returns None (HookedTransformer's return_type=None).
     kv_step: a kv_cache.CacheStep: tokens are new tokens after its cached ones (kv_cache.py).
-    logits_to_keep: the logits of the last n positions only (kv_cache.forward_with_kv_cache)."""
+    logits_to_keep: the logits of the last n positions only (kv_cache.forward_with_kv_cache).
+
+    run_block(layer, step, resid) -> resid: how block ``layer`` runs; ``step(resid, params)`` is
+    the pure block on a params pytree that the runner supplies (a sharded bridge calls the
+    block's container module, whose FSDP2 hooks gather that block's leaves around the call:
+    distributed/fsdp.py). None: the block runs on ``params``, which must then hold no shards."""
     family = family_for(cfg)
+    if run_block is None:
+        refuse_sharded(params, "the pure forward")
     if family.forward is not None:
         if start_at_layer is not None or stop_at_layer is not None or not unembed:
             raise NotImplementedError(f"start_at_layer, stop_at_layer and return_type=None are not supported for {cfg.original_architecture}")
@@ -278,34 +287,43 @@ def transformer(
         resid = _embed(family.embed_weights(params, cfg), tokens, positions, attention_mask, cfg, hooks, kv_step is None)
     else:
         resid = tokens  # [batch, pos, d_model]
-    rotaries = {}  # rotary tables per kind of layer (global, or local with its own base)
-    masks = {}  # one mask per distinct window span, shared by the layers that use it
+    # masks: one per distinct window span; rotary tables: one per kind of layer (global, or local
+    # with its own base); each built on the input device, copied to any other a block is on
+    tables = TableCache()
     in_transform = inside_functorch_transform(tokens, attention_mask)  # CPU SDPA cannot be vmapped
     bias = None
     if cfg.positional_embedding_type == "alibi":
         bias = alibi_bias(positions, cfg.n_heads) if kv_step is None else kv_step.alibi(cfg.n_heads)
+
+    def build_mask(window):
+        mask = build_attention_mask(seq, attention_mask, device, window, in_transform) if kv_step is None else kv_step.attention_mask(window, in_transform)
+        return mask if bias is None else mask._replace(bias=bias)
+
     for layer in layer_range(cfg, start_at_layer, stop_at_layer):
+        # leaves placed by layer: the residual stream follows the block (a sharded bridge's
+        # run_block supplies whole leaves during the call: its shards are not read here)
+        w = family.layer_weights(params, cfg, layer) if run_block is None else None
+        here = resid.device if w is None else block_device(w)
+        resid = resid.to(here)
         window = cfg.layer_window(layer)
-        if window not in masks:
-            if kv_step is None:
-                masks[window] = build_attention_mask(seq, attention_mask, device, window, in_transform)
-            else:
-                masks[window] = kv_step.attention_mask(window, in_transform)
-            if bias is not None:
-                masks[window] = masks[window]._replace(bias=bias)
+        mask = tables.get(("mask", window), here, lambda: build_mask(window))
         rotary = None
         if cfg.positional_embedding_type == "rotary":
             local = cfg.layer_uses_local_rope(layer)
-            if local not in rotaries:
-                dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
-                rotaries[local] = rotary_tables(positions, cfg, dtype, local)
-            rotary = rotaries[local]
+            dtype = upcast(resid).dtype if cfg.rotary_in_float32 else resid.dtype
+            rotary = tables.get(("rotary", local), here, lambda: rotary_tables(positions, cfg, dtype, local))
         extend_kv = None if kv_step is None else kv_step.layer(layer)
-        resid = block(resid, family.layer_weights(params, cfg, layer), cfg, layer, masks[window], hooks, rotary, extend_kv)
+        if run_block is None:
+            resid = block(resid, w, cfg, layer, mask, hooks, rotary, extend_kv)
+        else:
+            def step(resid, params, layer=layer, mask=mask, rotary=rotary, extend_kv=extend_kv):
+                return block(resid, family.layer_weights(params, cfg, layer), cfg, layer, mask, hooks, rotary, extend_kv)
+
+            resid = run_block(layer, step, resid)
     if stop_at_layer is not None:
         return resid
     final = family.unembed_weights(params, cfg)
-    x = resid
+    x = resid.to(block_device(final))
     if logits_to_keep is not None and not any(hooks.wants(name) for name in _FINAL_HOOKS):
         x = x[:, -logits_to_keep:]  # the norm and unembedding act per position
     if final.ln_final is not None:

@@ -7,6 +7,7 @@ dicts' insertion order, i.e. HF's order).
 
 from __future__ import annotations
 
+import sys
 from typing import Mapping, Sequence
 
 import optree
@@ -21,6 +22,31 @@ Params = Mapping[str, Tensor]
 
 class ParamsStructureError(ValueError):
     """A params pytree does not match the leaves its config needs."""
+
+
+class ShardedParamsError(RuntimeError):
+    """A computation that needs whole leaves was given FSDP2 shards (DTensors)."""
+
+
+def sharded_leaves(params: Params) -> list[str]:
+    """Names of the leaves that are DTensors (FSDP2 shards), in order. Free when
+    torch.distributed.tensor was never imported (then no leaf can be one)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return []
+    return [name for name, value in params.items() if isinstance(value, module.DTensor)]
+
+
+def refuse_sharded(params: Params, what: str) -> None:
+    """Raise ShardedParamsError naming the sharded leaves and the ways out, if there are any."""
+    names = sharded_leaves(params)
+    if names:
+        raise ShardedParamsError(
+            f"{what} needs whole leaves, but {_short_list(names)} are FSDP2 shards (DTensors): run the sharded "
+            "bridge through bridge(...) / bridge.run_with_cache(...), which gather one block at a time, or "
+            "gather every leaf on every rank with functional_bridge.distributed.full_params(bridge) "
+            "(a collective: call it on all ranks)"
+        )
 
 
 def check_params(params: Params, cfg: BridgeConfig) -> None:

@@ -24,7 +24,7 @@ from .hooks import select_names
 from .model import check_inputs, forward, run_with_cache
 from .params import Params
 
-Metric = Callable[[Tensor], Tensor]  # logits [batch, pos, vocab] -> scalar
+Metric = Callable[[Tensor], Tensor]  # logits [batch, pos, vocab] -> scalar (or [batch]: one value per example)
 
 
 def patch_worlds(
@@ -79,7 +79,8 @@ def _layer_item_sweep(
     params, cfg, clean_tokens, corrupted_tokens, metric, hook: str, n_items: int, item_shape, attention_mask, chunk_size
 ) -> Tensor:
     """[n_layers, n_items]: the clean run with item i of blocks.{l}.{hook} taken from the
-    corrupted run, one world per (l, i), all in one vmapped call."""
+    corrupted run, one world per (l, i), all in one vmapped call. A metric returning [batch]
+    (one value per example) gives [n_layers, n_items, batch]."""
     if corrupted_tokens.shape != clean_tokens.shape:
         raise ValueError(
             f"patching needs clean and corrupted tokens of one shape, got "
@@ -93,7 +94,7 @@ def _layer_item_sweep(
     scores = patch_worlds(
         params, cfg, clean_tokens, corrupted, masks, metric, attention_mask=attention_mask, chunk_size=chunk_size
     )
-    return scores.view(cfg.n_layers, n_items)
+    return scores.unflatten(0, (cfg.n_layers, n_items))
 
 
 def head_z_patching(
@@ -143,21 +144,27 @@ def _attribution(params, cfg, clean_tokens, corrupted_tokens, metric, names, att
 
 def head_z_attribution(
     params: Params, cfg: BridgeConfig, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-    *, attention_mask: Tensor | None = None,
+    *, attention_mask: Tensor | None = None, per_example: bool = False,
 ) -> Tensor:  # fmt: skip
     """[n_layers, n_heads]: attribution patching's linear estimate of head_z_patching minus the
-    clean metric, from one forward and one backward pass."""
+    clean metric, from one forward and one backward pass. per_example=True: [batch, n_layers,
+    n_heads], each example's terms (they sum to the whole; with a metric that is a sum over
+    examples, example b's row is its own metric's estimate, the examples being independent)."""
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     terms = _attribution(params, cfg, clean_tokens, corrupted_tokens, metric, names, attention_mask)
+    if per_example:
+        return torch.stack([terms[name].sum(dim=(1, 3)) for name in names], dim=1)
     return torch.stack([terms[name].sum(dim=(0, 1, 3)) for name in names])  # z: [batch, pos, head, d_head]
 
 
 def resid_pre_attribution(
     params: Params, cfg: BridgeConfig, clean_tokens: Tensor, corrupted_tokens: Tensor, metric: Metric,
-    *, attention_mask: Tensor | None = None,
+    *, attention_mask: Tensor | None = None, per_example: bool = False,
 ) -> Tensor:  # fmt: skip
     """[n_layers, pos]: attribution patching's linear estimate of resid_pre_patching minus the
-    clean metric."""
+    clean metric. per_example=True: [batch, n_layers, pos], as head_z_attribution's."""
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)]
     terms = _attribution(params, cfg, clean_tokens, corrupted_tokens, metric, names, attention_mask)
+    if per_example:
+        return torch.stack([terms[name].sum(dim=2) for name in names], dim=1)
     return torch.stack([terms[name].sum(dim=(0, 2)) for name in names])  # resid: [batch, pos, d_model]

@@ -13,7 +13,7 @@ from .architectures import family_for
 from .architectures.family import GLOBAL_TL_KEYS
 from .config import BridgeConfig
 from .derived import guard_unstored
-from .params import Params, check_params
+from .params import Params, check_params, refuse_sharded
 
 # HookedTransformer's stacked properties: short name -> per-layer TL key suffix.
 LAYER_WEIGHTS = {
@@ -28,8 +28,10 @@ GLOBAL_WEIGHTS = GLOBAL_TL_KEYS
 
 def tl_weights(params: Params, cfg: BridgeConfig) -> dict[str, Tensor]:
     """TL name -> tensor: the keys, shapes and values of TransformerLens 3.9's conversion for the
-    family, as differentiable views of the leaves (no copies where a view exists)."""
+    family, as differentiable views of the leaves (no copies where a view exists). Refuses FSDP2
+    shards by name (a sharded bridge's tl_parameters(), W_Q...): they are not whole leaves."""
     check_params(params, cfg)
+    refuse_sharded(params, "the TransformerLens weights (tl_parameters(), W_Q...)")
     tl = family_for(cfg).tl_weights(params, cfg)
     return guard_unstored(tl, params, lambda key: _unstored_reason(params, cfg, key))
 

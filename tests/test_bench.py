@@ -129,6 +129,17 @@ def test_parameter_bytes_equal_hf_exactly(fast_run):
     assert peak > 0 and kept > memory["outputs kept: ours forward"]["value"]
 
 
+def test_distributed_rows_shard_the_parameters(fast_run):
+    """FSDP2 shards each leaf's dim 0 over 2 ranks: rank 0 holds half, or one row more per leaf
+    whose dim 0 is odd (the tiny model has none: exactly half)."""
+    _, data, _ = fast_run
+    distributed = rows(data, "distributed")
+    one, two = distributed["parameter bytes per rank, 1 rank"]["value"], distributed["parameter bytes per rank, 2 ranks"]["value"]
+    assert one > 0 and two == one / 2
+    for label in ("SGD step (FSDP2)", "cache sweep (map_dataset)"):
+        assert distributed[f"{label}: 2 ranks / 1 rank"]["value"] > 0
+
+
 def test_facade_hook_rows_compare_the_stateful_path_with_the_pure_layer(fast_run):
     """The facade's three paths (no hook, run_with_hooks, a registered permanent hook) return
     exactly the pure layer's result (the same arithmetic: the facade only hands its hooks to it)

@@ -8,7 +8,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 TL_SECTION = re.search(r"\n## Coming from TransformerLens\n.*?(?=\n## )", README, flags=re.S).group(0)
-BLOCKS = re.findall(r"```python\n(.*?)```", README.replace(TL_SECTION, ""), flags=re.S)
+# "Scaling out" needs a process group: tests/test_distributed_fsdp.py runs it on 2 gloo processes
+SCALING_SECTION = re.search(r"\n## Scaling out\n.*?(?=\n## )", README, flags=re.S).group(0)
+BLOCKS = re.findall(r"```python\n(.*?)```", README.replace(TL_SECTION, "").replace(SCALING_SECTION, ""), flags=re.S)
 TL_BLOCKS = re.findall(r"```python\n(.*?)```", TL_SECTION, flags=re.S)
 
 

@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-NAMES = ["forward", "cache", "generate", "grads", "ensemble", "patching", "sae", "optimizer", "overheads", "memory", "compile", "parity"]
+NAMES = ["forward", "cache", "generate", "grads", "ensemble", "patching", "sae", "optimizer", "overheads", "memory", "distributed", "compile", "parity"]
 
 
 def load(name: str):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BridgeConfig
-from ..params import params_device, params_dtype
+from ..params import params_dtype
+from ..placement import input_device
 
 
 @dataclass
@@ -101,7 +102,8 @@ class TLConfig(BridgeConfig):
 
     @property
     def device(self) -> torch.device:
-        return params_device(self._bridge().params)
+        bridge = self._bridge()
+        return input_device(bridge.params, bridge._config)  # leaves placed by layer: the embedding's
 
     @property
     def dtype(self) -> torch.dtype:

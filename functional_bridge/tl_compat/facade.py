@@ -120,7 +120,7 @@ class TLFacade(TLTextMixin, TLHooksMixin, TLGenerateMixin):
         out = tl_forward(
             params, self._config, x, self._call_hooks(hooks), attention_mask=mask, return_type=return_type,
             loss_per_token=loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens,
-            token_type_ids=token_type_ids,
+            token_type_ids=token_type_ids, run_block=self.__dict__.get("_run_block"),
         )  # fmt: skip
         return enc.mlm_predictions(self.tokenizer, out, x) if predictions else out
 

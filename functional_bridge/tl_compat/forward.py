@@ -41,6 +41,7 @@ def tl_forward(
     stop_at_layer: int | None = None,
     tokens: Tensor | None = None,
     token_type_ids: Tensor | None = None,
+    run_block=None,
 ):
     """HookedTransformer.forward on token ids (or, with start_at_layer, the residual stream
     [batch, pos, d_model] entering that block). Returns logits, the loss, Output(logits, loss),
@@ -51,7 +52,8 @@ def tl_forward(
     start_at_layer), with attention_mask: next-token pairs touching padding are left out. The
     facade passes the padding mask of every string batch, so padded text never counts in the
     loss (TransformerLens's HookedTransformer builds no mask for right-padded text and averages
-    over the padding; TL#1607 is the same bug in its TransformerBridge)."""
+    over the padding; TL#1607 is the same bug in its TransformerBridge). run_block: how each block
+    runs (model.transformer's; a sharded bridge's, distributed/fsdp.py)."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
     encoder = family_for(cfg).kind == MASKED_LM
@@ -66,7 +68,7 @@ def tl_forward(
     wants_logits = return_type is not None or stop_at_layer is not None or encoder  # (HookedEncoder runs its head anyway)
     out = transformer(
         params, x, cfg, attention_mask, hooks, token_type_ids,
-        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, unembed=wants_logits,
+        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, unembed=wants_logits, run_block=run_block,
     )  # fmt: skip
     if return_type is None and stop_at_layer is None:
         return None

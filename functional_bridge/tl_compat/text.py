@@ -19,7 +19,7 @@ from torch import Tensor
 from ..analysis.residual import tokens_to_residual_directions
 from ..architectures import family_for
 from ..architectures.family import MASKED_LM
-from ..params import params_device
+from ..placement import input_device
 from ..weights import tl_weights
 from . import encoder_text as enc
 from . import tokens as tok
@@ -64,7 +64,7 @@ class TLTextMixin:
         enc.check_encoder_text_options(arch, prepend_bos, padding_side)
         encoded = enc.encoder_tokenize(tokenizer, input, architecture=arch, max_length=self._config.n_ctx if truncate else None)
         if move_to_device:
-            device = params_device(self.params)
+            device = input_device(self.params, self._config)
             encoded = enc.EncodedText(*(t.to(device) for t in encoded))
         return encoded
 
@@ -82,7 +82,7 @@ class TLTextMixin:
             max_length=self._config.n_ctx if truncate else None,
         )  # fmt: skip
         if move_to_device:
-            device = params_device(self.params)
+            device = input_device(self.params, self._config)  # leaves placed by layer: the embedding's
             tokens, mask = tokens.to(device), mask.to(device)
         return tokens, mask
 
