@@ -1,7 +1,7 @@
 """FSDP2 over a bridge, on 2 gloo processes (CPU): sharded training, caching, DCP and export.
 
-One spawn (tests/gloo.py) does the sharded work for every test here (starting two processes
-costs more than all the checks together); the tests compare what the ranks sent back against
+One spawn (tests/gloo.py) does the sharded work for one test (starting two processes costs more
+than all the checks together); its check_* functions compare what the ranks sent back against
 single-process oracles computed in this process:
 
 - training through ``bridge.parameters()`` with SGD, 10 steps, each rank on half of the global
@@ -160,16 +160,15 @@ def _all_runs(rank: int, world: int, directories: dict, blocks: list[str]) -> di
     return out
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    directories = {arch: str(tmp_path_factory.mktemp(f"dcp_{arch}")) for arch in ARCHITECTURES}
+def _run_ranks(tmp_path) -> tuple[dict, dict]:
+    directories = {arch: str(tmp_path / f"dcp_{arch}") for arch in ARCHITECTURES}
     results = run_on_ranks(_all_runs, world_size=WORLD, args=(directories, readme_blocks()), timeout=300)
     by_arch = {arch: [r[arch] for r in results] for arch in ARCHITECTURES}
     by_arch["readme"] = [r["readme"] for r in results]
     return by_arch, directories
 
 
-def test_readme_scaling_out_runs_on_two_processes(ranks):
+def check_readme_scaling_out_runs_on_two_processes(ranks):
     assert len(readme_blocks()) >= 2
     for rank, r in enumerate(ranks[0]["readme"]):
         assert r["error"] is None, f"rank {rank}:\n{r['error']}"
@@ -194,8 +193,7 @@ def _single_process_training(architecture: str, dtype: torch.dtype):
     return torch.stack(losses), {name: leaf.detach() for name, leaf in bridge.params.items()}
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_fsdp_training_equals_one_process(ranks, architecture):
+def check_fsdp_training_equals_one_process(ranks, architecture):
     results = ranks[0][architecture]
     losses32, trained32 = _single_process_training(architecture, torch.float32)
     losses64, trained64 = _single_process_training(architecture, torch.float64)
@@ -208,8 +206,7 @@ def test_fsdp_training_equals_one_process(ranks, architecture):
     assert all(r["all_shards_after"] for r in results)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_sharded_run_with_cache_equals_unsharded(ranks, architecture):
+def check_sharded_run_with_cache_equals_unsharded(ranks, architecture):
     hf = tiny_model(architecture)
     names = lambda name: "attn.hook_pattern" in name or "resid" in name  # noqa: E731
     bridge, bridge64 = fb.Bridge.from_hf(hf), fb.Bridge.from_hf(copy.deepcopy(hf).double())
@@ -223,8 +220,7 @@ def test_sharded_run_with_cache_equals_unsharded(ranks, architecture):
         assert_as_accurate_as(r["cache_logits"], logits32, logits64, what="sharded logits")
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_one_block_gathered_at_a_time(ranks, architecture):
+def check_one_block_gathered_at_a_time(ranks, architecture):
     for r in ranks[0][architecture]:
         n_layers = len(r["seen"]["fwd"])
         assert r["seen"]["fwd"] == [(layer, [layer]) for layer in range(n_layers)]
@@ -233,8 +229,7 @@ def test_one_block_gathered_at_a_time(ranks, architecture):
             assert layer in gathered and set(gathered) <= {layer, layer - 1}, (layer, gathered)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_parameter_bytes_per_rank(ranks, architecture):
+def check_parameter_bytes_per_rank(ranks, architecture):
     results = ranks[0][architecture]
     total = sum(p.numel() * p.element_size() for p in fb.Bridge.from_hf(tiny_model(architecture)).parameters())
     assert all(r["all_shards"] and r["all_shards_after_cache"] and r["all_shards_after"] for r in results)
@@ -243,7 +238,7 @@ def test_parameter_bytes_per_rank(ranks, architecture):
         assert total / WORLD - r["row_bytes"] <= r["local_bytes"] <= total / WORLD + r["row_bytes"]
 
 
-def test_sharded_bridge_refuses_whole_leaf_views_by_name(ranks):
+def check_sharded_bridge_refuses_whole_leaf_views_by_name(ranks):
     for r in ranks[0]["GPT2LMHeadModel"]:
         for what, message in r["refusals"].items():
             assert "FSDP2 shards (DTensors)" in message and "transformer.wte.weight" in message, (what, message)
@@ -254,8 +249,7 @@ def test_sharded_bridge_refuses_whole_leaf_views_by_name(ranks):
         assert "pure forward" in r["refusals"]["fb.forward"]
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_dcp_checkpoint_and_export(ranks, architecture):
+def check_dcp_checkpoint_and_export(ranks, architecture):
     from functional_bridge.distributed import load_checkpoint
 
     results, directories = ranks[0][architecture], ranks[1]
@@ -266,6 +260,32 @@ def test_dcp_checkpoint_and_export(ranks, architecture):
     plain = fb.Bridge.from_hf(tiny_model(architecture, seed=1))
     load_checkpoint(plain, directories[architecture])
     assert all(torch.equal(v.detach(), results[0]["trained"][k]) for k, v in plain.params.items())
+
+
+def check_dcp_load_refuses_a_mismatch_and_changes_nothing(ranks):
+    from functional_bridge.distributed import load_checkpoint
+
+    directories = ranks[1]
+    other = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
+    before = {k: v.detach().clone() for k, v in other.params.items()}
+    with pytest.raises(ParamsStructureError, match="missing from the checkpoint.*model.layers.0.self_attn.q_proj.weight"):
+        load_checkpoint(other, directories["GPT2LMHeadModel"])
+    assert all(torch.equal(v, before[k]) for k, v in other.params.items())
+
+
+def test_fsdp2_on_two_gloo_processes(tmp_path):
+    """Every check_* above on the results of one spawn (a shared fixture would start one spawn per
+    pytest-xdist worker that runs one of its tests)."""
+    ranks = _run_ranks(tmp_path)
+    check_readme_scaling_out_runs_on_two_processes(ranks)
+    check_sharded_bridge_refuses_whole_leaf_views_by_name(ranks)
+    check_dcp_load_refuses_a_mismatch_and_changes_nothing(ranks)
+    for architecture in ARCHITECTURES:
+        check_fsdp_training_equals_one_process(ranks, architecture)
+        check_sharded_run_with_cache_equals_unsharded(ranks, architecture)
+        check_one_block_gathered_at_a_time(ranks, architecture)
+        check_parameter_bytes_per_rank(ranks, architecture)
+        check_dcp_checkpoint_and_export(ranks, architecture)
 
 
 def test_fully_shard_bridge_refusals():
@@ -281,17 +301,6 @@ def test_fully_shard_bridge_refusals():
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         fully_shard_bridge(bridge)
     assert all(type(module) is torch.nn.Module for module in block_containers(bridge))  # nothing changed
-
-
-def test_dcp_load_refuses_a_mismatch_and_changes_nothing(ranks):
-    from functional_bridge.distributed import load_checkpoint
-
-    directories = ranks[1]
-    other = fb.Bridge.from_hf(tiny_model("LlamaForCausalLM"))
-    before = {k: v.detach().clone() for k, v in other.params.items()}
-    with pytest.raises(ParamsStructureError, match="missing from the checkpoint.*model.layers.0.self_attn.q_proj.weight"):
-        load_checkpoint(other, directories["GPT2LMHeadModel"])
-    assert all(torch.equal(v, before[k]) for k, v in other.params.items())
 
 
 def _every_family(rank: int, world: int, architectures: list[str]) -> dict:
