@@ -57,7 +57,6 @@ class GenerationRecorder:
         self.cached = cached
         self.detach = detach
         self.steps: list[dict[str, Tensor]] = []
-        self.step_lengths: list[int] = []  # new positions per step, read off each step's tokens
 
     def step_hooks(self) -> list[tuple[str, Callable]]:
         """[(name, fn)] capturing this step's activations at every recorded name."""

@@ -29,8 +29,9 @@ class ShardedParamsError(RuntimeError):
 
 
 def sharded_leaves(params: Params) -> list[str]:
-    """Names of the leaves that are DTensors (FSDP2 shards), in order. Free when
-    torch.distributed.tensor was never imported (then no leaf can be one)."""
+    """Names of the leaves that are DTensors (FSDP2 shards), in order. Skipped when
+    torch.distributed.tensor was never imported (then no leaf can be one); transformers imports
+    it, so in practice one isinstance per leaf (~40 us for 150 leaves, per forward)."""
     module = sys.modules.get("torch.distributed.tensor")
     if module is None:
         return []
