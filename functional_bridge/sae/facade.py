@@ -133,25 +133,32 @@ class SAEFacade:
     def forward(self, input, *args, **kwargs):
         """TLFacade.forward, with the attached SAEs' special-token masks computed from the input
         (text is tokenized as the forward will)."""
-        wanting = [a for a in self._attached.values() if a.exclude_special_tokens is not False]
-        if not wanting:
+        if not self._excluding():
             return super().forward(input, *args, **kwargs)
         tokens = input if isinstance(input, Tensor) else self._tokenize(input, kwargs.get("prepend_bos"), kwargs.get("padding_side"))[0]
-        self.__dict__["_sae_masks"] = {id(a): self._exclusion_mask(tokens, a.exclude_special_tokens) for a in wanting}
-        try:
+        with self._exclusions(tokens):
             return super().forward(input, *args, **kwargs)
-        finally:
-            self.__dict__.pop("_sae_masks", None)
 
     def _generation_hooks(self, hooks, step_tokens: Tensor):
         """One generation step's hooks, the attached SAEs bypassed at special tokens of step_tokens
         [batch, new] as forward bypasses them (a placeholder id -1 is no token)."""
-        wanting = [a for a in self._attached.values() if a.exclude_special_tokens is not False]
+        with self._exclusions(step_tokens):
+            return super()._generation_hooks(hooks, step_tokens)
+
+    def _excluding(self) -> list:
+        """The attached SAEs bypassed at some tokens (exclude_special_tokens set)."""
+        return [a for a in self._attached.values() if a.exclude_special_tokens is not False]
+
+    @contextmanager
+    def _exclusions(self, tokens: Tensor):
+        """While open, the splices read each excluding SAE's bypass mask over tokens [batch, pos]."""
+        wanting = self._excluding()
         if not wanting:
-            return super()._generation_hooks(hooks, step_tokens)
-        self.__dict__["_sae_masks"] = {id(a): self._exclusion_mask(step_tokens, a.exclude_special_tokens) for a in wanting}
+            yield
+            return
+        self.__dict__["_sae_masks"] = {id(a): self._exclusion_mask(tokens, a.exclude_special_tokens) for a in wanting}
         try:
-            return super()._generation_hooks(hooks, step_tokens)
+            yield
         finally:
             self.__dict__.pop("_sae_masks", None)
 
