@@ -85,20 +85,17 @@ def process_weights(
 def _applicable(cfg: BridgeConfig, fold_ln: bool, center_writing: bool, center_unembed: bool) -> tuple[bool, bool, bool]:
     """The options that keep this model's function, warning about each requested one that would not."""
     arch = cfg.original_architecture
+    reasons = []  # why folding or centring the norms would change this model; the first is said
     if cfg.norm_placement in ("output", "post_residual"):
-        for name, requested in (("fold_ln", fold_ln), ("center_writing_weights", center_writing)):
-            if requested:
-                warnings.warn(f"{name} skipped: {arch}'s norms are not on the sublayer inputs, so it would change the model")
-        fold_ln = center_writing = False
-    reasons = []
+        reasons.append("norms are not on the sublayer inputs")
     if cfg.word_embed_proj_dim is not None:
         reasons.append("project_in/project_out sit between the embedding, the final norm and the unembedding")
     if cfg.residual_from_norm:
         reasons.append("residual branches start at the norms' outputs (apply_residual_connection_post_layernorm)")
-    for reason in reasons[:1]:
+    if reasons:
         for name, requested in (("fold_ln", fold_ln), ("center_writing_weights", center_writing)):
             if requested:
-                warnings.warn(f"{name} skipped: {arch}'s {reason}, so it would change the model")
+                warnings.warn(f"{name} skipped: {arch}'s {reasons[0]}, so it would change the model")
         fold_ln = center_writing = False
     if center_unembed and cfg.output_logits_soft_cap is not None:
         warnings.warn(f"center_unembed skipped: {arch}'s final-logit soft cap is not invariant to shifting the logits")
