@@ -6,6 +6,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # shared machine: 20 GPT-2 training steps at 2 threads beside other work took 106-198 s spinning,
 # 6-18 s sleeping (PASSIVE). Set before torch loads its OpenMP runtime; a caller's choice wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist each worker is a process with its own OpenMP pool: N workers at the default
+# thread count (one per core) put N threads on every core. Unless the caller set OMP_NUM_THREADS,
+# each worker takes an equal share of the cores (the README's `-n 2` on 2 cores: one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ import torch
 import transformers
 
 transformers.logging.set_verbosity_error()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))  # if torch loaded first
 
 
 def _oracle(module: str, package: str):
