@@ -116,3 +116,26 @@ def test_svd_interpreter_works_for_every_family(architecture):
             interpreter.get_singular_vectors("w_in", 1, 3)
     for vector_type, head in (("OV", 3), ("QK_query", 3), ("QK_key", 0), *mlp):
         assert interpreter.get_singular_vectors(vector_type, 1, 3, head).shape == (d_vocab_out, 1, 3)
+
+
+@pytest.mark.parametrize("variant", ["post_ln_project", "project_unbiased_weightless_untied"])
+def test_svd_interpreter_reads_through_opts_projections(variant):
+    """OPT with word_embed_proj_dim: W_U reads [d_embed], so a residual vector is read through
+    project_out first, and a token enters the stream through project_in. Oracle: HF's own modules
+    (lm_head after project_out; project_in after embed_tokens), in float64."""
+    from family_helpers import make_family
+
+    hf = make_family("opt", variant).double()
+    bridge = fb.Bridge.from_hf(hf)
+    interpreter = fb.SVDInterpreter(bridge)
+    decoder = hf.model.decoder
+    with torch.no_grad():
+        unembed = decoder.project_out.weight.T @ hf.lm_head.weight.T  # [d_model, d_vocab]
+        embed = decoder.project_in(decoder.embed_tokens.weight)  # [d_vocab, d_model]
+    for vector_type, head in (("OV", 1), ("QK_key", 0), ("w_out", None)):
+        directions = interpreter.singular_directions(vector_type, 1, 3, head)  # [3, d_model]
+        for through, readout in (("W_U", unembed), ("W_E", embed.T)):
+            read = interpreter.get_singular_vectors(vector_type, 1, 3, head, through=through)
+            expected = (directions @ readout).T[:, None, :]
+            assert read.shape == expected.shape == (bridge.cfg.d_vocab_out, 1, 3)
+            assert_rounding_close(read, expected, n=bridge.cfg.d_model + hf.config.word_embed_proj_dim, what=f"{vector_type} through {through}")

@@ -280,14 +280,26 @@ def stream_bias(cache, layer: int, mlp_input: bool, include_mlp_biases: bool, po
     return total
 
 
+def residual_unembed(tl: Mapping[str, Tensor]) -> Tensor:
+    """[d_model, d_vocab_out]: what reads the residual stream into the vocabulary. W_U, or
+    project_out.W @ W_U behind OPT's project_out (W_U is then [d_embed, d_vocab_out])."""
+    W_U = tl["unembed.W_U"]
+    return tl["project_out.W"] @ W_U if "project_out.W" in tl else W_U
+
+
+def residual_embed(tl: Mapping[str, Tensor]) -> Tensor:
+    """[d_vocab, d_model]: each token's embedding as it enters the residual stream. W_E, or
+    W_E @ project_in.W behind OPT's project_in (W_E is then [d_vocab, d_embed])."""
+    W_E = tl["embed.W_E"]
+    return W_E @ tl["project_in.W"] if "project_in.W" in tl else W_E
+
+
 def tokens_to_residual_directions(tl: Mapping[str, Tensor], tokens, to_single_token: Callable | None = None) -> Tensor:
     """The unembedding column of each token, as HookedTransformer.tokens_to_residual_directions:
     [d_model] for one token (an int, a one-element tensor, or a string when ``to_single_token``
     is given), [*tokens.shape, d_model] for a tensor of several. Through OPT's project_out where
-    the model has one (the residual direction is project_out.W @ W_U)."""
-    W_U = tl["unembed.W_U"]  # [d_model, d_vocab_out] ([d_embed, d_vocab_out] behind a project_out)
-    if "project_out.W" in tl:
-        W_U = tl["project_out.W"] @ W_U  # [d_model, d_embed] @ [d_embed, d_vocab_out]
+    the model has one (residual_unembed)."""
+    W_U = residual_unembed(tl)  # [d_model, d_vocab_out]
     if isinstance(tokens, Tensor) and tokens.numel() > 1:
         return W_U[:, tokens].movedim(0, -1)
     if isinstance(tokens, str):

@@ -7,7 +7,8 @@ is never stale. As in TransformerLens 3.9:
   "w_in"  layer: right singular vectors of W_in^T * ln2.w ([d_mlp, d_model]; the directions the
           MLP reads, with the LayerNorm weight folded in when the model has one);
   "w_out" layer: right singular vectors of W_out ([d_mlp, d_model]; the directions it writes);
-and each vector v [d_model] is read as v @ W_U, giving [d_vocab_out, 1, num_vectors].
+and each vector v [d_model] is read as v @ W_U (project_out.W @ W_U behind OPT's project_out),
+giving [d_vocab_out, 1, num_vectors].
 Added here: "QK_query" / "QK_key", the left / right singular vectors of W_Q W_K^T (the residual
 directions the query / key side reads), read the same way. ``through="W_E"`` reads vectors
 through the token embedding (v @ W_E^T) instead. Singular vectors have arbitrary signs.
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .circuits import head_weight
 from .factored_matrix import FactoredMatrix
+from .residual import residual_embed, residual_unembed
 from .source import as_model, current_tl_weights
 
 HEAD_VECTOR_TYPES = ("OV", "QK_query", "QK_key")
@@ -61,10 +63,10 @@ class SVDInterpreter:
         (TransformerLens's layout), column i = vector i @ W_U (or @ W_E^T with through="W_E")."""
         directions = self.singular_directions(vector_type, layer_index, num_vectors, head_index)
         tl = current_tl_weights(self.model)
-        if through == "W_U":
-            readout = tl["unembed.W_U"]  # [d_model, d_vocab_out]
+        if through == "W_U":  # (through OPT's project_out / project_in where the model has them)
+            readout = residual_unembed(tl)  # [d_model, d_vocab_out]
         elif through == "W_E":
-            readout = tl["embed.W_E"].T  # [d_model, d_vocab]
+            readout = residual_embed(tl).T  # [d_model, d_vocab]
         else:
             raise ValueError(f"through must be 'W_U' or 'W_E', got {through!r}")
         dtype = torch.promote_types(directions.dtype, torch.float32)
