@@ -123,13 +123,18 @@ def masked_lm_logits(
     attention_mask: Tensor | None,
     hooks: HookSet,
     token_type_ids: Tensor | None,
+    n_blocks: int | None = None,
 ) -> Tensor:
-    """Checked inputs (tokens, token types and mask [batch, pos]) -> logits [batch, pos, d_vocab_out]."""
+    """Checked inputs (tokens, token types and mask [batch, pos]) -> logits [batch, pos, d_vocab_out].
+    n_blocks: stop after that many blocks and return the residual stream [batch, pos, d_model]
+    (HF's hidden_states[n_blocks]; HookedTransformer's stop_at_layer, which HookedEncoder lacks)."""
     in_transform = inside_functorch_transform(tokens, attention_mask, token_type_ids)
     mask = build_bidirectional_mask(tokens.shape[1], attention_mask, tokens.device, in_transform)
     resid = _embed(embed, tokens, token_type_ids, cfg, hooks)  # [batch, pos, d_model]
-    for layer in range(cfg.n_layers):
+    for layer in range(cfg.n_layers if n_blocks is None else n_blocks):
         resid = _block(resid, layer_weights(layer), cfg, mask, hooks, encoder_layer_hook_names(layer))
+    if n_blocks is not None:
+        return resid
     x = ACTIVATIONS[cfg.act_fn](affine(resid, head.transform))
     x = apply_norm(x, head.ln, cfg.eps, hooks, "mlm_head.ln.hook_scale", "mlm_head.ln.hook_normalized")
     x = hooks("unembed.hook_in", x)

@@ -277,9 +277,10 @@ def transformer(
     if run_block is None:
         refuse_sharded(params, "the pure forward")
     if family.forward is not None:
-        if start_at_layer is not None or stop_at_layer is not None or not unembed:
-            raise NotImplementedError(f"start_at_layer, stop_at_layer and return_type=None are not supported for {cfg.original_architecture}")
-        return family.forward(params, tokens, cfg, attention_mask, hooks, token_type_ids)
+        if start_at_layer is not None or not unembed:
+            raise NotImplementedError(f"start_at_layer and return_type=None are not supported for {cfg.original_architecture}")
+        layers = layer_range(cfg, None, stop_at_layer)  # (checks stop_at_layer)
+        return family.forward(params, tokens, cfg, attention_mask, hooks, token_type_ids, None if stop_at_layer is None else len(layers))
     batch, seq = tokens.shape[:2]
     device = tokens.device
     positions = position_ids(attention_mask, seq, device) if kv_step is None else kv_step.positions  # [batch or 1, pos]

@@ -305,3 +305,45 @@ def test_masked_lm_loss_equals_hfs():
         out = hf(tokens, labels=labels, attention_mask=mask, token_type_ids=types)
     ours = fb.masked_lm_loss(out.logits, labels, mask)
     assert_rounding_close(ours, out.loss, n=VOCAB, what="MLM loss: a log-softmax over the vocabulary, a mean")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_stop_at_layer_is_hfs_hidden_state(architecture):
+    """forward(stop_at_layer=n) on an encoder: the residual stream leaving block n - 1 (n = 0: the
+    embedding LayerNorm's output), HF's hidden_states[n], with padding and token types; the same
+    values as the full forward's hook there. HookedEncoder has no stop_at_layer: this is ours."""
+    hf = make_bert(architecture).double()
+    params, cfg = _params_cfg(hf)
+    tokens, mask, types = bert_batch([7, 4, 6], "right")
+    with torch.no_grad():
+        hidden = hf.bert(tokens, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
+        names = ["hook_full_embed"] + [f"blocks.{layer}.hook_normalized_resid_post" for layer in range(cfg.n_layers)]
+        _, cache = fb.run_with_cache(params, tokens, cfg, attention_mask=mask, token_type_ids=types, names_filter=names)
+        for n in range(cfg.n_layers + 1):
+            resid = fb.forward(params, tokens, cfg, attention_mask=mask, token_type_ids=types, stop_at_layer=n)
+            assert torch.equal(resid, cache[names[n]]), n
+            assert_rounding_close(resid, hidden[n], n=forward_depth(cfg, 7), what=f"stop_at_layer={n}")
+        assert torch.equal(fb.forward(params, tokens, cfg, attention_mask=mask, token_type_ids=types, stop_at_layer=-1),
+                           cache[names[-2]])  # fmt: skip
+    with pytest.raises(TypeError, match="stop_at_layer"):
+        fb.forward(params, tokens, cfg, stop_at_layer=1.5)
+    with pytest.raises(NotImplementedError, match="start_at_layer"):
+        fb.forward(params, torch.zeros(2, 4, cfg.d_model, dtype=torch.float64), cfg, start_at_layer=1)
+
+
+def test_sae_activations_stream_from_an_encoder():
+    """The SAE activation stream on BERT (it runs only as far as the hook's block): each row's
+    real tokens' activations, as the full run_with_cache gives them (without autograd, as the
+    stream runs: on CPU, recording autograd takes the explicit attention path)."""
+    from functional_bridge.sae.stream import activations, stream_activations
+
+    bridge = fb.Bridge.from_hf(make_bert())
+    tokens, mask, _ = bert_batch([7, 4, 6], "right")
+    with torch.no_grad():
+        for name in ("blocks.0.hook_resid_post", "blocks.1.attn.hook_z"):
+            rows = activations(bridge.params, tokens, bridge._config, name, mask)
+            expected = bridge.run_with_cache(tokens, attention_mask=mask, names_filter=name)[1][name][mask.bool()]
+            assert torch.equal(rows, expected.flatten(1) if name.endswith("hook_z") else expected), name
+        (streamed,) = stream_activations(bridge, [tokens], "blocks.0.hook_resid_post")
+        expected = bridge.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post")[1]["blocks.0.hook_resid_post"]
+    assert torch.equal(streamed, expected.flatten(0, 1))

@@ -136,11 +136,13 @@ def head_weights(params: Params, cfg: BridgeConfig) -> MaskedLMHeadWeights:
     return MaskedLMHeadWeights(linear(params, HEAD + "transform.dense"), final.ln_final, final.unembed)
 
 
-def forward(params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask, hooks, token_type_ids) -> Tensor:
-    """Family.forward: MLM logits [batch, pos, d_vocab_out] (BertForPreTraining: its prediction_logits)."""
+def forward(params: Params, tokens: Tensor, cfg: BridgeConfig, attention_mask, hooks, token_type_ids, n_blocks: int | None = None) -> Tensor:
+    """Family.forward: MLM logits [batch, pos, d_vocab_out] (BertForPreTraining: its prediction_logits),
+    or with n_blocks the residual stream [batch, pos, d_model] leaving the first n_blocks blocks."""
     layers = partial(layer_weights, params, cfg)
     return masked_lm_logits(
-        encoder_embed_weights(params, cfg), layers, head_weights(params, cfg), tokens, cfg, attention_mask, hooks, token_type_ids
+        encoder_embed_weights(params, cfg), layers, head_weights(params, cfg), tokens, cfg, attention_mask, hooks, token_type_ids,
+        n_blocks,
     )  # fmt: skip
 
 

@@ -89,7 +89,8 @@ class Family:
     # What the model is: CAUSAL_LM (next-token logits) or MASKED_LM (an encoder with an MLM head).
     kind: str = CAUSAL_LM
     # The family's own pure forward on checked inputs, when its model is not model.py's decoder
-    # stack: (params, tokens, cfg, attention_mask, hooks, token_type_ids) -> logits.
+    # stack: (params, tokens, cfg, attention_mask, hooks, token_type_ids, n_blocks) -> logits, or
+    # with n_blocks (an int: stop_at_layer's block count) the residual stream after that many blocks.
     forward: Callable[..., Tensor] | None = None
     # Its hook names in execution order (with forward); None: HookedTransformer's.
     hook_names: Callable[[BridgeConfig], tuple[str, ...]] | None = None
