@@ -10,8 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # thread count (one per core) put N threads on every core. Unless the caller set OMP_NUM_THREADS,
 # each worker takes an equal share of the cores (the README's `-n 2` on 2 cores: one thread each).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_WORKER_THREADS = None  # set here only: a caller's OMP_NUM_THREADS is torch's to read, in any syntax
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    _WORKER_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_WORKER_THREADS)
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ import torch
 import transformers
 
 transformers.logging.set_verbosity_error()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))  # if torch loaded first
+if _WORKER_THREADS is not None:
+    torch.set_num_threads(_WORKER_THREADS)  # in case a plugin imported torch before this file ran
 
 
 def _oracle(module: str, package: str):
