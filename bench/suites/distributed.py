@@ -3,9 +3,7 @@ processes within this run: parameter bytes per rank under FSDP2 (2 ranks / 1 ran
 time of one SGD training step on one global batch (each rank its half); the time of a
 data-parallel cache sweep (distributed.map_dataset of run_with_cache over a dataset, gathered on
 rank 0). Step times are the median over rounds of the time between two barriers, on rank 0.
-FSDP2 comes from functional_bridge.distributed.fsdp.fully_shard_bridge when present (one group
-per block); otherwise torch's fully_shard on the bridge as one group (sharded at rest, gathered
-whole for each call)."""
+FSDP2 is functional_bridge.distributed.fully_shard_bridge (one group per block)."""
 
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ def run(ctx) -> None:
         return
     one, two = found[1], found[2]
     case = case_name(shape)
-    ctx.note(f"FSDP2 via {one['fsdp']}; the sweep's dataset is {dataset[0]} x {dataset[1]} tokens, one chunk per rank.")
+    ctx.note(f"FSDP2 by fully_shard_bridge (a group per block); the sweep's dataset is {dataset[0]} x {dataset[1]} tokens, one chunk per rank.")
     ctx.value_row(case, "parameter bytes per rank, 1 rank", one["param_bytes"], "bytes")
     ctx.value_row(case, "parameter bytes per rank, 2 ranks", two["param_bytes"], "bytes")
     ctx.value_row(case, "parameter bytes per rank: 2 ranks / 1 rank", two["param_bytes"] / one["param_bytes"], "x")
@@ -56,19 +54,6 @@ def _launcher():
     from gloo import run_on_ranks
 
     return run_on_ranks
-
-
-def _shard(bridge) -> str:
-    """Shard bridge with FSDP2 in place; say which way."""
-    if importlib.util.find_spec("functional_bridge.distributed.fsdp") is not None:
-        from functional_bridge.distributed.fsdp import fully_shard_bridge
-
-        fully_shard_bridge(bridge)
-        return "functional_bridge.distributed.fsdp.fully_shard_bridge (a group per block)"
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(bridge)
-    return "torch.distributed.fsdp.fully_shard on the bridge (one group)"
 
 
 def _timed(fn, rounds: int, warmup: int) -> list[float]:
@@ -96,7 +81,7 @@ def _on_rank(rank: int, world: int, size: str, seed: int, shape, dataset, rounds
     sweep = _timed(lambda: dp.map_dataset(cache_fn, rows), rounds, warmup)
 
     bridge = fb.Bridge.from_hf(build_hf(size, "cpu", torch.float32, seed))
-    how = _shard(bridge)
+    dp.fully_shard_bridge(bridge)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in bridge.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in local)
     optimizer = torch.optim.SGD(bridge.parameters(), lr=1e-3)
@@ -110,4 +95,4 @@ def _on_rank(rank: int, world: int, size: str, seed: int, shape, dataset, rounds
         optimizer.step()
         optimizer.zero_grad()
 
-    return {"fsdp": how, "param_bytes": param_bytes, "step": _timed(step, rounds, warmup), "sweep": sweep}
+    return {"param_bytes": param_bytes, "step": _timed(step, rounds, warmup), "sweep": sweep}
